@@ -1,0 +1,72 @@
+"""Default hyper-parameters: MutualNet on the offline Fashion-MNIST builder, sized for a 2-core CPU.
+
+Every other config imports this one and changes a few fields (the Flax ImageNet example's pattern), so a field
+exists in exactly one place and `--config.x=y` overrides are type-checked against it.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model (mutualnet_jax.models.get_model).
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'mobilenet_v1'
+  config.model.max_width = 1.0        # parameters are created at this width; 2.0 for the wide recipe
+  config.model.num_classes = 10
+  config.model.num_downsample = 3     # stride-2 layers kept (5 = ImageNet; fewer for 28-32 px inputs)
+  config.model.conv_impl = 'auto'     # 'xla' | 'cpu_fast' | 'auto' (cpu_fast on CPU, xla elsewhere)
+  config.model.dtype = 'float32'      # activation dtype; parameters stay float32
+
+  # Method: which sub-networks a step trains (mutualnet_jax.sampling).
+  config.method = 'mutualnet'         # 'mutualnet' | 'usnet' | 'independent'
+  config.width_range = (0.25, 1.0)    # (min, max) trained width; max must equal model.max_width
+  config.width_step = 0.05            # random widths come from this grid, which bounds the compiled buckets
+  config.num_subnets = 4              # sandwich rule: max + min + (num_subnets - 2) random widths
+  config.resolutions = (28, 24, 20, 16)  # the first entry is the highest: the max width always uses it
+  config.independent_width = 1.0      # method='independent': the one (width, resolution) trained
+  config.independent_resolution = 28
+  config.inplace_distillation = True  # sub-networks learn from the full network's prediction (KL)
+  config.kd_temperature = 1.0
+  config.label_smoothing = 0.0
+  config.resize_antialias = False     # bilinear on-device resize of the one input batch per sub-network
+
+  # Data (mutualnet_jax.input_pipeline).
+  config.dataset = 'fashion_mnist_local'
+  config.data_dir = ''                # '' = TFDS default (~/tensorflow_datasets)
+  config.manual_dir = ''              # where a local builder reads raw files; '' = its own default
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.augmentation = 'small'       # 'imagenet' (random-resized-crop + flip) | 'small' (pad-crop + flip) | 'none'
+  config.crop_scale = (0.25, 1.0)     # random-resized-crop area range ('imagenet'); (0.25, 1) for MobileNets
+  config.pad_crop = 4                 # pixels of padding for the 'small' augmentation
+  config.shuffle_buffer = 16_384
+  config.image_size = -1              # input size the pipeline delivers; -1 = max(resolutions)
+
+  # Optimisation (mutualnet_jax.train).
+  config.batch_size = 128             # global batch, split over all devices of all hosts
+  config.num_epochs = 3.0
+  config.num_train_steps = -1         # > 0 overrides num_epochs
+  config.learning_rate = 0.1
+  config.warmup_epochs = 0.0
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4          # conv/dense kernels only: not depthwise, BN or biases
+  config.bn_sync = False              # False: BN batch statistics per device (official DDP); True: global batch
+
+  # BN calibration and evaluation (mutualnet_jax.bn_calibration, mutualnet_jax.sweep).
+  config.calibration_images = 2000
+  config.calibration_batch_size = 200
+  config.eval_batch_size = 500
+  config.eval_every_steps = -1        # -1 = once per epoch
+  config.eval_calibration_images = 1000  # quick recalibration before the in-training evaluation
+
+  # Bookkeeping.
+  config.seed = 0
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.compilation_cache_dir = '~/.cache/mutualnet_jax/xla'  # '' disables the persistent compilation cache
+  config.precompile = False           # compile every bucket of the grid in parallel threads before training
+
+  return config

@@ -1,0 +1,29 @@
+"""mutualnet_jax: MutualNet (width x resolution mutual learning) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mutualnet_jax",
+    version="0.1.0",
+    description="One slimmable ConvNet trained at every width and resolution (MutualNet / US-Net) in JAX/Flax.",
+    packages=find_packages(include=["mutualnet_jax", "mutualnet_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.12",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        # Input pipeline: tf.data + TFDS; clu.metric_writers imports TensorFlow *and* tensorboard.
+        "tensorflow-datasets>=4.9.4",
+        "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
+        "tensorflow>=2.16; platform_machine != 'x86_64'",
+        "tensorboard>=2.16",
+        # TFDS needs it to prepare a builder from local files (the offline Fashion-MNIST builder).
+        "importlib_resources>=6.0",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5"]},
+)
