@@ -1,0 +1,18 @@
+"""Running absl programs so that a user's mistake prints one line instead of a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+from mutualnet_jax.errors import UserError
+
+
+def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
+  """`app.run(main)`, turning `UserError` into 'error: <message>' on stderr and exit status 2."""
+  def guarded(argv: Sequence[str]) -> Any:
+    try:
+      return main(argv)
+    except UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  app.run(guarded)

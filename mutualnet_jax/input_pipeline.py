@@ -1,0 +1,373 @@
+"""tf.data input pipelines: training (exactly resumable), evaluation (padded, multi-host safe), BN calibration.
+
+Every random choice is a pure function of (config.seed, process index, epoch, element index): each epoch's file
+order and shuffle buffer use seeds derived from them, and augmentations use stateless random ops seeded per
+element. So `train_iterator(start_step=k)` yields the batches that steps k, k+1, ... of a fresh run would have seen,
+and a restarted job trains on exactly the data it would have trained on without the restart.
+"""
+import dataclasses
+import math
+import os
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mutualnet_jax import datasets
+from mutualnet_jax.errors import UserError
+
+Batch = dict[str, np.ndarray]
+
+AUGMENTATIONS = ('imagenet', 'small', 'none')
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_MEAN_STD = {  # per-channel mean and std of the training images, in [0, 1] units
+    'fashion_mnist_local': ((0.2860,), (0.3530,)),
+    'fashion_mnist': ((0.2860,), (0.3530,)),
+    'mnist': ((0.1307,), (0.3081,)),
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': _IMAGENET_MEAN_STD,
+}
+_GRAY_MEAN_STD = ((0.5,), (0.5,))  # unknown grayscale datasets; unknown colour ones use ImageNet's statistics
+_EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize the shorter side to S / 0.875, then take the centre S x S
+_CACHE_LIMIT_BYTES = 1 << 30  # decoded splits up to this size are cached in memory after the first epoch
+_TRAIN_STREAM, _CALIBRATION_STREAM = 0, 1  # keep the training and calibration random streams apart
+
+
+def _hide_gpu_from_tf() -> None:
+  """TF would otherwise grab accelerator memory that JAX needs; the pipeline runs on the host only."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices (someone used it first): nothing left to change.
+    pass
+
+
+_hide_gpu_from_tf()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the rest of the program needs to know about the dataset; counts are global (all processes)."""
+  name: str
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  channels: int
+
+
+def _base_name(name: str) -> str:
+  """'cifar10:3.0.2' and 'imagenet2012/subset' -> the registered builder name."""
+  return name.split(':')[0].split('/')[0]
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str | None:
+  if not config.data_dir:
+    return None
+  data_dir = os.path.expanduser(config.data_dir)
+  if not os.path.isdir(data_dir):
+    raise UserError(f'config.data_dir={config.data_dir!r} does not exist: create it, or set --config.data_dir=\'\' '
+                    'for the TFDS default (~/tensorflow_datasets).')
+  return data_dir
+
+
+def _load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The dataset's builder, prepared: local builders prepare on first use, others must already be prepared."""
+  data_dir = _data_dir(config)
+  try:
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f'Unknown dataset {config.dataset!r}: set --config.dataset to a TFDS name (e.g. cifar10, '
+                    f'imagenet2012) or one of the offline builders {sorted(datasets.LOCAL_BUILDERS)}.') from None
+  if not builder.is_prepared():
+    _prepare(builder, config)
+  return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> None:
+  """Prepares a local builder from its raw files; anything else would need a network, so it is the user's job."""
+  local = datasets.LOCAL_BUILDERS.get(_base_name(config.dataset))
+  root = os.fspath(builder.data_dir_root)
+  if local is None:
+    raise UserError(f'Dataset {config.dataset!r} is not prepared in {root}: prepare it with `tfds build '
+                    f'{config.dataset} --data_dir={root}` on a machine with network (or with its manual files), '
+                    'or set --config.data_dir to where it is.')
+  manual_dir = local.check_raw_dir(local.raw_dir(config.manual_dir))
+  download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
+  builder.download_and_prepare(download_config=download_config)
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError):
+    raise UserError(f'Split {split!r} is not in {builder.name} (splits: {", ".join(builder.info.splits)}): set '
+                    '--config.train_split / --config.eval_split to one of them or a slice like "train[:90%]".'
+                    ) from None
+
+
+def _local_batch_size(global_batch_size: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % jax.process_count():
+    raise UserError(f'Batch size {global_batch_size} must be a positive multiple of the number of processes '
+                    f'({jax.process_count()}): change the batch size.')
+  return global_batch_size // jax.process_count()
+
+
+def _seeds(*parts: int) -> tuple[int, tf.Tensor]:
+  """A tf.data shuffle seed and a stateless-op seed, well mixed from integer parts (numpy's SeedSequence)."""
+  words = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(3, np.uint32).astype(np.int64)
+  return int(words[0]), tf.constant(words[1:], tf.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocessor:
+  """Turns one example into a model input; `train` is random but a pure function of its seed."""
+  augmentation: str
+  size: int
+  channels: int
+  source_shape: tuple[int | None, ...]
+  jpeg: bool  # images are JPEG bytes: decode only the crop window
+  crop_scale: tuple[float, float]
+  pad_crop: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def decode(self, image: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(image, channels=self.channels, expand_animations=False)
+    image.set_shape(self.source_shape)
+    return image
+
+  def decode_example(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {'image': self.decode(example['image']), 'label': example['label']}
+
+  def train(self, example: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    image = self._decodable(example['image'])
+    if self.augmentation == 'imagenet':
+      image = self._resize(self._crop(image, self._random_resized_crop_window(image, crop_seed)))
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    elif self.augmentation == 'small':
+      image = self._pad_and_crop(self._whole(image), crop_seed)
+      image = self._resize(tf.image.stateless_random_flip_left_right(image, flip_seed))
+    else:
+      image = self._resize(self._whole(image))
+    return self._finish(image, example['label'])
+
+  def eval(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = self._decodable(example['image'])
+    if self.augmentation == 'imagenet':
+      image = self._crop(image, self._centre_window(image))
+    else:
+      image = self._whole(image)
+    return self._finish(self._resize(image), example['label'])
+
+  def padding(self) -> dict[str, tf.Tensor]:
+    """An all-zero example with mask 0, to fill the last eval batches."""
+    return {'image': tf.zeros([self.size, self.size, self.channels]), 'label': tf.constant(0, tf.int32),
+            'mask': tf.constant(0.0)}
+
+  def _decodable(self, image: tf.Tensor) -> tf.Tensor:
+    """Decoded pixels, except JPEG bytes, which `_crop` decodes only inside the window."""
+    return image if image.dtype != tf.string or self.jpeg else self.decode(image)
+
+  def _height_width(self, image: tf.Tensor) -> tf.Tensor:
+    if image.dtype == tf.string:
+      return tf.image.extract_jpeg_shape(image)[:2]
+    return tf.shape(image)[:2]
+
+  def _crop(self, image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """window = [top, left, height, width]."""
+    if image.dtype == tf.string:
+      return tf.image.decode_and_crop_jpeg(image, window, channels=self.channels)
+    return tf.slice(image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], -1]))
+
+  def _whole(self, image: tf.Tensor) -> tf.Tensor:
+    return self.decode(image) if image.dtype == tf.string else image
+
+  def _centre_window(self, image: tf.Tensor) -> tf.Tensor:
+    height_width = self._height_width(image)
+    side = tf.cast(_EVAL_CROP_FRACTION * tf.cast(tf.reduce_min(height_width), tf.float32), tf.int32)
+    offsets = (height_width - side + 1) // 2
+    return tf.concat([offsets, [side, side]], axis=0)
+
+  def _random_resized_crop_window(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Area in `crop_scale`, aspect ratio in [3/4, 4/3] (the official ImageNet recipe); whole image if no fit."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([self._height_width(image), [self.channels]], axis=0),
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=tuple(self.crop_scale), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return tf.concat([begin[:2], size[:2]], axis=0)
+
+  def _pad_and_crop(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Zero-pad by `pad_crop` pixels and crop back to the source size at a random offset (the CIFAR recipe)."""
+    p = self.pad_crop
+    padded = tf.pad(image, [[p, p], [p, p], [0, 0]])
+    return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
+
+  def _resize(self, image: tf.Tensor) -> tf.Tensor:
+    """Bilinear with antialiasing (like PIL in the official PyTorch code); a no-op when already S x S."""
+    if tuple(image.shape[:2]) == (self.size, self.size):
+      return tf.cast(image, tf.float32)
+    return tf.image.resize(image, [self.size, self.size], method='bilinear', antialias=True)
+
+  def _finish(self, image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+    image = (tf.cast(image, tf.float32) - tf.constant(self.mean) * 255) / (tf.constant(self.std) * 255)
+    return {'image': tf.ensure_shape(image, [self.size, self.size, self.channels]),
+            'label': tf.cast(label, tf.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """A prepared dataset plus the config, with the reads every pipeline shares."""
+  builder: tfds.core.DatasetBuilder
+  config: ml_collections.ConfigDict
+
+  @property
+  def info(self) -> DatasetInfo:
+    features = self.builder.info.features
+    return DatasetInfo(name=self.config.dataset, num_classes=features['label'].num_classes,
+                       num_train_examples=_num_examples(self.builder, self.config.train_split),
+                       num_eval_examples=_num_examples(self.builder, self.config.eval_split),
+                       channels=features['image'].shape[-1])
+
+  def preprocessor(self) -> _Preprocessor:
+    image_feature = self.builder.info.features['image']
+    channels = image_feature.shape[-1]
+    mean, std = _MEAN_STD.get(_base_name(self.config.dataset), _IMAGENET_MEAN_STD if channels == 3 else
+                              _GRAY_MEAN_STD)
+    size = self.config.image_size if self.config.image_size > 0 else max(self.config.resolutions)
+    return _Preprocessor(augmentation=self.config.augmentation, size=size, channels=channels,
+                         source_shape=tuple(image_feature.shape), jpeg=image_feature.encoding_format == 'jpeg',
+                         crop_scale=tuple(self.config.crop_scale), pad_crop=self.config.pad_crop, mean=mean, std=std)
+
+  def read(self, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Examples with encoded images: in file order, or with the files in a seeded order if `shuffle_seed`."""
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    return self.builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+                                   decoders={'image': tfds.decode.SkipDecoding()})
+
+  def fits_in_memory(self, num_examples: int) -> bool:
+    shape = self.builder.info.features['image'].shape
+    return None not in shape and num_examples * math.prod(shape) <= _CACHE_LIMIT_BYTES
+
+
+def _load(config: ml_collections.ConfigDict) -> _Source:
+  if config.augmentation not in AUGMENTATIONS:
+    raise UserError(f'config.augmentation={config.augmentation!r} is not one of {AUGMENTATIONS}: pick one.')
+  source = _Source(_load_builder(config), config)
+  features = source.builder.info.features
+  if not {'image', 'label'} <= set(features.keys()):
+    raise UserError(f'Dataset {config.dataset!r} has features {sorted(features.keys())}, not image + label: use an '
+                    'image classification dataset.')
+  if features['label'].num_classes != config.model.num_classes:
+    raise UserError(f'Dataset {config.dataset!r} has {features["label"].num_classes} classes but '
+                    f'config.model.num_classes={config.model.num_classes}: set --config.model.num_classes='
+                    f'{features["label"].num_classes}.')
+  return source
+
+
+def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Class count, split sizes and channels; prepares the offline builder on first use."""
+  return _load(config).info
+
+
+class TrainIterator:
+  """Endless training batches for this process; the batch of step k is a pure function of (config.seed, k).
+
+  Each epoch is a fresh tf.data pipeline seeded from (seed, process, epoch), so starting at any step only needs
+  the epoch and the number of its elements to skip; skipped elements are never decoded or augmented.
+  """
+
+  def __init__(self, source: _Source, *, global_batch_size: int, start_step: int):
+    self._source = source
+    self._local_batch_size = _local_batch_size(global_batch_size)
+    self.steps_per_epoch = source.info.num_train_examples // global_batch_size
+    if self.steps_per_epoch < 1:
+      raise UserError(f'Batch size {global_batch_size} exceeds the {source.info.num_train_examples} training '
+                      'examples: lower config.batch_size.')
+    self.step = start_step
+    self._split = tfds.split_for_jax_process(source.config.train_split, drop_remainder=True)
+    self._preprocessor = source.preprocessor()
+    self._cached = self._decoded_cache()
+    self._batches: Iterator[Batch] | None = None
+
+  def _decoded_cache(self) -> tf.data.Dataset | None:
+    """Small datasets are decoded once and kept in memory; file order is then fixed and the buffer shuffles."""
+    if not self._source.fits_in_memory(self._source.info.num_train_examples // jax.process_count()):
+      return None
+    decoded = self._source.read(self._split).map(self._preprocessor.decode_example, tf.data.AUTOTUNE)
+    return decoded.cache()
+
+  def _epoch(self, epoch: int, skip_steps: int) -> tf.data.Dataset:
+    shuffle_seed, augment_seed = _seeds(self._source.config.seed, _TRAIN_STREAM, jax.process_index(), epoch)
+    examples = self._cached if self._cached is not None else self._source.read(self._split,
+                                                                                shuffle_seed=shuffle_seed)
+    examples = examples.shuffle(self._source.config.shuffle_buffer, seed=shuffle_seed)
+    examples = examples.take(self.steps_per_epoch * self._local_batch_size).enumerate()
+    examples = examples.skip(skip_steps * self._local_batch_size)
+    train = self._preprocessor.train
+    examples = examples.map(
+        lambda index, example: train(example, tf.random.experimental.stateless_fold_in(augment_seed, index)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return examples.batch(self._local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> Batch:
+    if self._batches is None:
+      self._batches = self._epoch(*divmod(self.step, self.steps_per_epoch)).as_numpy_iterator()
+    batch = next(self._batches)
+    self.step += 1
+    if self.step % self.steps_per_epoch == 0:
+      self._batches = None
+    return batch
+
+
+def train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
+                   start_step: int = 0) -> TrainIterator:
+  """This process's share of every training batch from `start_step` on: {'image': f32 [B, S, S, C], 'label'}."""
+  return TrainIterator(_load(config), global_batch_size=global_batch_size, start_step=start_step)
+
+
+def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int) -> Iterator[Batch]:
+  """One pass over this process's shard of `config.eval_split`, in full batches with a 'mask' (1 real, 0 padding).
+
+  Every process yields ceil(ceil(N / processes) / local batch) batches, so a jitted multi-host evaluation runs the
+  same number of steps everywhere.
+  """
+  source = _load(config)
+  local_batch_size = _local_batch_size(global_batch_size)
+  largest_shard = -(-source.info.num_eval_examples // jax.process_count())
+  num_batches = -(-largest_shard // local_batch_size)
+  preprocessor = source.preprocessor()
+  examples = source.read(tfds.split_for_jax_process(config.eval_split)).map(
+      lambda example: {**preprocessor.eval(example), 'mask': tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
+  examples = examples.concatenate(tf.data.Dataset.from_tensors(preprocessor.padding()).repeat())
+  examples = examples.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
+  return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int,
+                         global_batch_size: int) -> Iterator[Batch]:
+  """The same `num_images` training images on every call (seeded by config.seed only), with eval preprocessing.
+
+  These recompute batch-norm statistics of a sub-network after training, so they must not depend on how far
+  training got; only full batches are yielded (num_images // global_batch_size of them).
+  """
+  source = _load(config)
+  local_batch_size = _local_batch_size(global_batch_size)
+  num_batches = num_images // global_batch_size
+  if num_batches < 1:
+    raise UserError(f'{num_images} calibration images make no batch of {global_batch_size}: raise the image count '
+                    'or lower the calibration batch size.')
+  shuffle_seed, _ = _seeds(config.seed, _CALIBRATION_STREAM, jax.process_index())
+  examples = source.read(tfds.split_for_jax_process(config.train_split, drop_remainder=True),
+                         shuffle_seed=shuffle_seed)
+  examples = examples.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(num_batches * local_batch_size)
+  examples = examples.map(source.preprocessor().eval, num_parallel_calls=tf.data.AUTOTUNE)
+  examples = examples.batch(local_batch_size, drop_remainder=True)
+  return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

@@ -1,0 +1,45 @@
+"""MobileNet v2 (Sandler et al. 2018), the ImageNet definition used by US-Net and MutualNet.
+
+Inverted-residual blocks slim (expanded width = make_divisible(in * w) * t, official rule); the final 1280-channel
+conv, its BN and the classifier stay at full width (make_divisible(1280 * max_width) above 1.0x).
+1.0x at 224 px: 300.84 M multiply-adds, 3.47 M parameters.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from mutualnet_jax import slim
+from mutualnet_jax.models.base import SlimmableModel
+
+STEM = 32
+LAST = 1280
+# (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2.
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+          (6, 320, 1, 1))
+
+
+class MobileNetV2(SlimmableModel):
+
+  @nn.compact
+  def __call__(self, x: jax.Array, width: float | None = None, train: bool = False) -> jax.Array:
+    x, width, impl = self.prepare(x, width)
+    blocks = [(t, c, s if r == 0 else 1) for t, c, n, s in STAGES for r in range(n)]
+    stem_stride, *strides = self.stride_schedule([2] + [s for _, _, s in blocks])
+    x = self.conv_bn(STEM, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
+        x, self.channels(STEM, width), train)
+    cin = STEM
+    for i, ((t, c, _), s) in enumerate(zip(blocks, strides)):
+      shortcut = x
+      if t != 1:
+        x = self.conv_bn(cin * t, cin, impl, name=f'block{i}_expand')(x, shortcut.shape[-1] * t, train)
+      x = self.conv_bn(cin * t, cin * t, impl, kernel_size=3, strides=s, depthwise=True, name=f'block{i}_dw')(
+          x, None, train)
+      x = self.conv_bn(c, cin * t, impl, relu=False, name=f'block{i}_project')(x, self.channels(c, width), train)
+      if s == 1 and cin == c:
+        x = x + shortcut
+      cin = c
+    last = slim.make_divisible(LAST * self.max_width) if self.max_width > 1.0 else LAST
+    x = slim.ConvBN(last, self.max_channels(cin), conv_impl=impl, bn_groups=self.bn_groups, dtype=self.dtype,
+                    name='last')(x, last, train)
+    return self.classify(x, last)

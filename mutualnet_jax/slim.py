@@ -1,0 +1,290 @@
+"""Slimmable building blocks: channel rounding, width grids, two convolution kernel paths and Flax layers.
+
+Every layer creates its parameters once, at the model's maximum width, and a call slices the leading channels it
+needs. The number of channels a call uses is a static Python int, so each (width, resolution) traces to its own
+fixed-shape XLA program and nothing is masked at run time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mutualnet_jax.errors import UserError
+
+ConvImpl = Literal['xla', 'cpu_fast', 'auto']
+CONV_IMPLS = ('xla', 'cpu_fast', 'auto')
+BN_EPSILON = 1e-5  # PyTorch's default, as in the official code
+_WIDTH_TOL = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Channel arithmetic.
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+  """Rounds a channel count to the nearest multiple of `divisor` (official MobileNet/US-Net rule).
+
+  Never goes below `min_value` (default `divisor`), and bumps up by one `divisor` when rounding lost more than 10 %.
+  """
+  min_value = divisor if min_value is None else min_value
+  rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+def scaled_channels(base: int, width: float) -> int:
+  """Channels a layer with `base` channels at width 1.0 uses at `width`."""
+  return make_divisible(base * width)
+
+
+def width_grid(min_width: float, max_width: float, step: float) -> tuple[float, ...]:
+  """Widths min, min+step, …, max, rounded so grid points compare equal across calls (they are jit static args)."""
+  if step <= 0:
+    raise UserError(f'width_step must be > 0, got {step}.')
+  n = int(math.floor((max_width - min_width) / step + 1e-6))
+  grid = [round(min_width + i * step, 6) for i in range(n + 1)]
+  if abs(grid[-1] - max_width) > _WIDTH_TOL:
+    grid.append(round(max_width, 6))
+  return tuple(grid)
+
+
+def check_width(width: float, max_width: float) -> float:
+  """Validates a width against the model's maximum and returns it as a canonical (rounded) float."""
+  if not isinstance(width, (int, float)) or isinstance(width, bool):
+    raise UserError(f'width must be a number in (0, {max_width}], got {width!r}.')
+  if not 0 < width <= max_width + _WIDTH_TOL:
+    raise UserError(f'width {width} is outside (0, {max_width}]: pass a width in that range '
+                    f'(or raise model.max_width, which changes the parameter shapes).')
+  return round(float(width), 6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel paths. 'xla' is lax.conv everywhere (the natural choice on TPU/GPU); 'cpu_fast' writes depthwise convolutions
+# as K*K strided shifted multiply-adds and dense convolutions as matmuls (im2col for K > 1), which XLA:CPU runs 5-30x
+# faster than its grouped/1x1 convolutions (see ../shared/FACTS.md). Both compute the same function.
+
+def resolve_conv_impl(impl: str) -> str:
+  """Maps 'auto' to the kernel path suited to the default backend."""
+  if impl not in CONV_IMPLS:
+    raise UserError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}.")
+  if impl == 'auto':
+    return 'cpu_fast' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def conv_output_size(size: int, kernel: int, stride: int) -> int:
+  """Spatial output size with symmetric padding (kernel - 1) // 2, as in the PyTorch reference models."""
+  pad = (kernel - 1) // 2
+  return (size + 2 * pad - kernel) // stride + 1
+
+
+def _shifted_views(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
+  """The K*K strided windows of the padded input whose weighted sum is a KxK convolution."""
+  pad = (kernel - 1) // 2
+  n, h, w, c = x.shape
+  ho, wo = conv_output_size(h, kernel, stride), conv_output_size(w, kernel, stride)
+  if pad:
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return [
+      lax.slice(x, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1))
+      for i in range(kernel) for j in range(kernel)
+  ]
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
+  """Dense KxK convolution, NHWC input and HWIO kernel, symmetric 'same-style' padding."""
+  k = kernel.shape[0]
+  if impl == 'xla':
+    pad = (k - 1) // 2
+    return lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad), (pad, pad)],
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if k == 1:
+    if stride > 1:
+      x = x[:, ::stride, ::stride, :]
+    return jnp.dot(x, kernel[0, 0])
+  patches = jnp.concatenate(_shifted_views(x, k, stride), axis=-1)
+  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
+  """Depthwise KxK convolution; `kernel` is (K, K, C)."""
+  k, _, c = kernel.shape
+  if impl == 'xla':
+    pad = (k - 1) // 2
+    return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+  views = _shifted_views(x, k, stride)
+  out = views[0] * kernel[0, 0]
+  for idx, view in enumerate(views[1:], start=1):
+    out = out + view * kernel[idx // k, idx % k]
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Initialisers. Random parameters are drawn on the host with NumPy (seeded from the Flax key) through a callback:
+# XLA:CPU spends ~0.3 s compiling each random-number op, which made `init` of a MobileNet take 10-30 s; as a callback
+# the whole init compiles in about a second and the forward pass it traces is dead code.
+
+def host_initializer(sample: Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]) -> Callable[..., jax.Array]:
+  """A Flax initialiser that runs `sample(rng, shape)` on the host; deterministic in the key."""
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    shape = tuple(shape)
+    def draw(seed: np.ndarray) -> np.ndarray:
+      return np.asarray(sample(np.random.default_rng(np.asarray(seed)), shape), dtype=dtype)
+    return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), jax.random.key_data(key))
+  return init
+
+
+def kaiming_normal_fan_out(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """He-normal with fan_out = K*K*outputs, PyTorch's `kaiming_normal_(mode='fan_out')` used by the official code."""
+  return rng.normal(0.0, math.sqrt(2.0 / (shape[0] * shape[1] * shape[-1])), shape)
+
+
+def classifier_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  return rng.normal(0.0, 0.01, shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flax layers. `features` attributes are the maximum (parameter) sizes; the call's `features` argument (or the input's
+# channel count) is what this width uses. Layers that know their cost expose `cost(in_shape, out_shape)` -> (macs,
+# params) per image, which `mutualnet_jax.profile` collects by intercepting calls: the MACs come from the model itself.
+
+class SlimConv(nn.Module):
+  """KxK convolution whose parameters exist at (`in_features`, `features`); a call uses the leading channels.
+
+  in_features=None means the input never slims (the image), so its size is taken from the input.
+  """
+  features: int
+  in_features: int | None = None
+  kernel_size: int = 1
+  strides: int = 1
+  depthwise: bool = False
+  conv_impl: str = 'xla'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, features: int | None = None) -> jax.Array:
+    cin = x.shape[-1]
+    k = self.kernel_size
+    if self.depthwise:
+      kernel = self.param('kernel', host_initializer(kaiming_normal_fan_out), (k, k, self.features))
+      if cin > self.features:
+        raise ValueError(f'{self.name}: {cin} input channels exceed the {self.features} this layer holds.')
+      return depthwise_conv2d(x, kernel[:, :, :cin].astype(self.dtype), self.strides, self.conv_impl)
+    features = self.features if features is None else features
+    kernel = self.param('kernel', host_initializer(kaiming_normal_fan_out),
+                        (k, k, self.in_features or cin, self.features))
+    if cin > kernel.shape[2] or features > self.features:
+      raise ValueError(f'{self.name}: asked for {cin}->{features} channels, parameters hold '
+                       f'{kernel.shape[2]}->{self.features}; initialise the model at its maximum width.')
+    return conv2d(x, kernel[:, :, :cin, :features].astype(self.dtype), self.strides, self.conv_impl)
+
+  def cost(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, int]:
+    _, ho, wo, cout = out_shape
+    weights = self.kernel_size ** 2 * (1 if self.depthwise else in_shape[-1]) * cout
+    return ho * wo * weights, weights
+
+
+class SlimDense(nn.Module):
+  """Fully connected layer with a sliceable input (and optionally output) dimension; parameters at the maxima."""
+  features: int
+  in_features: int | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, features: int | None = None) -> jax.Array:
+    features = self.features if features is None else features
+    cin = x.shape[-1]
+    kernel = self.param('kernel', host_initializer(classifier_normal), (self.in_features or cin, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    if cin > kernel.shape[0] or features > self.features:
+      raise ValueError(f'{self.name}: asked for {cin}->{features} features, parameters hold '
+                       f'{kernel.shape[0]}->{self.features}; initialise the model at its maximum width.')
+    return jnp.dot(x, kernel[:cin, :features].astype(self.dtype)) + bias[:features].astype(self.dtype)
+
+  def cost(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, int]:
+    weights = in_shape[-1] * out_shape[-1]
+    return weights, weights + out_shape[-1]
+
+
+class SlimBatchNorm(nn.Module):
+  """Batch norm with shared, sliced scale/bias and per-configuration statistics.
+
+  train=True normalises with the statistics of the batch (split into `groups` equal groups, one per device, when
+  statistics are not synchronised) and, when the 'bn_moments' collection is mutable, records the batch mean and
+  variance there, which is how BN calibration reads them. train=False reads 'batch_stats' {'mean', 'var'} of exactly
+  this width's channel count: statistics belong to one (width, resolution) and are passed in with the variables.
+  """
+  features: int
+  groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (self.features,))[:c]
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))[:c]
+    if train:
+      n = x.shape[0]
+      if self.groups < 1 or n % self.groups:
+        raise ValueError(f'{self.name}: a batch of {n} does not split into {self.groups} BN groups.')
+      xg = x.reshape((self.groups, n // self.groups) + x.shape[1:])
+      mean, var = _moments(xg, axes=(1, 2, 3))
+      self.sow('bn_moments', 'mean', mean.mean(0))
+      self.sow('bn_moments', 'var', var.mean(0) + ((mean - mean.mean(0)) ** 2).mean(0))
+      mul = scale * lax.rsqrt(var + BN_EPSILON)
+      shift = bias - mean * mul
+      y = xg * mul[:, None, None, None].astype(self.dtype) + shift[:, None, None, None].astype(self.dtype)
+      return y.reshape(x.shape)
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32).value
+    var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32).value
+    if mean.shape != (c,):
+      raise ValueError(f'{self.name}: statistics for {mean.shape[0]} channels passed to a {c}-channel layer; '
+                       'use the statistics calibrated for this width.')
+    mul = scale * lax.rsqrt(var + BN_EPSILON)
+    return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance in float32 from one pass over `x` (E[x^2] - E[x]^2, clamped at 0)."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(axes)
+  return mean, jnp.maximum((x * x).mean(axes) - mean * mean, 0.0)
+
+
+class GlobalAvgPool(nn.Module):
+  """Global average pooling: what makes every input resolution valid. Counted as C*H*W MACs (official convention)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.mean(axis=(1, 2))
+
+  def cost(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, int]:
+    _, h, w, c = in_shape
+    return h * w * c, 0
+
+
+class ConvBN(nn.Module):
+  """Convolution -> batch norm -> optional ReLU6: the unit both MobileNets are made of."""
+  features: int
+  in_features: int | None = None
+  kernel_size: int = 1
+  strides: int = 1
+  depthwise: bool = False
+  relu: bool = True
+  conv_impl: str = 'xla'
+  bn_groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, features: int | None, train: bool) -> jax.Array:
+    x = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
+                 self.dtype, name='conv')(x, features)
+    x = SlimBatchNorm(self.features, self.bn_groups, self.dtype, name='bn')(x, train)
+    return jnp.clip(x, 0, 6) if self.relu else x
