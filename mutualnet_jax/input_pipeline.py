@@ -184,6 +184,7 @@ class _Preprocessor:
     return tf.slice(image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], -1]))
 
   def _whole(self, image: tf.Tensor) -> tf.Tensor:
+    """All pixels, for the paths that use the whole image (JPEG bytes are decoded here)."""
     return self.decode(image) if image.dtype == tf.string else image
 
   def _centre_window(self, image: tf.Tensor) -> tf.Tensor:
@@ -278,16 +279,18 @@ class TrainIterator:
   """Endless training batches for this process; the batch of step k is a pure function of (config.seed, k).
 
   Each epoch is a fresh tf.data pipeline seeded from (seed, process, epoch), so starting at any step only needs
-  the epoch and the number of its elements to skip; skipped elements are never decoded or augmented.
+  the epoch and the number of its elements to skip; skipped elements are never augmented (nor decoded, unless the
+  dataset is small enough to be decoded once into the in-memory cache).
   """
 
   def __init__(self, source: _Source, *, global_batch_size: int, start_step: int):
     self._source = source
     self._local_batch_size = _local_batch_size(global_batch_size)
-    self.steps_per_epoch = source.info.num_train_examples // global_batch_size
+    self._num_examples = source.info.num_train_examples
+    self.steps_per_epoch = self._num_examples // global_batch_size
     if self.steps_per_epoch < 1:
-      raise UserError(f'Batch size {global_batch_size} exceeds the {source.info.num_train_examples} training '
-                      'examples: lower config.batch_size.')
+      raise UserError(f'Batch size {global_batch_size} exceeds the {self._num_examples} training examples: lower '
+                      'config.batch_size.')
     self.step = start_step
     self._split = tfds.split_for_jax_process(source.config.train_split, drop_remainder=True)
     self._preprocessor = source.preprocessor()
@@ -296,7 +299,7 @@ class TrainIterator:
 
   def _decoded_cache(self) -> tf.data.Dataset | None:
     """Small datasets are decoded once and kept in memory; file order is then fixed and the buffer shuffles."""
-    if not self._source.fits_in_memory(self._source.info.num_train_examples // jax.process_count()):
+    if not self._source.fits_in_memory(self._num_examples // jax.process_count()):
       return None
     decoded = self._source.read(self._split).map(self._preprocessor.decode_example, tf.data.AUTOTUNE)
     return decoded.cache()

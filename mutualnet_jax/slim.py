@@ -236,8 +236,9 @@ class SlimBatchNorm(nn.Module):
         raise ValueError(f'{self.name}: a batch of {n} does not split into {self.groups} BN groups.')
       xg = x.reshape((self.groups, n // self.groups) + x.shape[1:])
       mean, var = _moments(xg, axes=(1, 2, 3))
-      self.sow('bn_moments', 'mean', mean.mean(0))
-      self.sow('bn_moments', 'var', var.mean(0) + ((mean - mean.mean(0)) ** 2).mean(0))
+      keep_last = dict(reduce_fn=lambda _, v: v, init_fn=lambda: None)  # one value, shaped like 'batch_stats'
+      self.sow('bn_moments', 'mean', mean.mean(0), **keep_last)
+      self.sow('bn_moments', 'var', var.mean(0) + ((mean - mean.mean(0)) ** 2).mean(0), **keep_last)
       mul = scale * lax.rsqrt(var + BN_EPSILON)
       shift = bias - mean * mul
       y = xg * mul[:, None, None, None].astype(self.dtype) + shift[:, None, None, None].astype(self.dtype)
