@@ -1,0 +1,82 @@
+"""Orbax checkpoints of a training run: state (params, optimizer, step) plus JSON metadata (sampler RNG, model
+fingerprint), so a restarted job resumes exactly where it stopped and refuses a checkpoint of a different model."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mutualnet_jax.errors import UserError
+
+CHECKPOINT_DIR = 'checkpoints'
+# Settings that change the parameter tree or what it means; a checkpoint saved under others cannot be resumed.
+_FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
+
+
+def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
+  return {**{k: config.model[k] for k in _FINGERPRINT_FIELDS}, 'channels': channels}
+
+
+class Checkpoints:
+  """Keeps the last `keep` checkpoints of `workdir`; saves are asynchronous and atomic (a save killed midway leaves
+  only a temporary directory that is never restored)."""
+
+  def __init__(self, workdir: str, *, keep: int, expected: dict[str, Any]):
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.expected = expected
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, item_names=('state', 'meta'),
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+    except (PermissionError, OSError) as e:
+      raise UserError(f'cannot write checkpoints under {self.directory} ({e.strerror or e}): '
+                      'pass a writable --workdir.') from e
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    meta = {**meta, 'fingerprint': self.expected}
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """State and metadata of `step`; a clear error for a different model or an unreadable checkpoint."""
+    where = self.directory / str(step)
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # orbax raises many types for a damaged directory
+      raise UserError(f'checkpoint {where} is unreadable ({type(e).__name__}): move it away to resume from an '
+                      'earlier one, or start a fresh --workdir.') from e
+    found = meta.get('fingerprint')
+    if found != self.expected:
+      raise UserError(f'checkpoint {where} is of a different model {found} than the config {self.expected}: '
+                      'use a fresh --workdir or the matching --config.model settings.')
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:
+      raise UserError(f'checkpoint {where} does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]}): '
+                      'move it away to resume from an earlier one, or start a fresh --workdir.') from e
+    return restored['state'], meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_writable(workdir: str) -> None:
+  """Fails before any work is done if the workdir cannot be created or written."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_probe_{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f'workdir {workdir} is not writable ({e.strerror or e}): pass a writable --workdir.') from e
