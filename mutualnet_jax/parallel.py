@@ -19,8 +19,8 @@ DATA_AXIS = 'data'
 def initialize_distributed(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> None:
   """Joins a multi-process job. With no arguments JAX auto-detects TPU pods / SLURM / Open MPI; on CPU the
   collectives go through gloo, so two processes on one machine also form a real multi-host job."""
-  if jax.default_backend() == 'cpu' or coordinator_address:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Only affects CPU devices; must be set before the backend starts (so no jax.default_backend() here).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs = {}
   if coordinator_address:
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)

@@ -134,7 +134,7 @@ def _sum_and_apply(tx: optax.GradientTransformation, state: TrainState,
   total = jax.tree.map(lambda *g: functools.reduce(jnp.add, g), *grads)
   updates, opt_state = tx.update(total, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return TrainState(state.step + 1, params, opt_state), optax.global_norm(total)
+  return TrainState(state.step + 1, params, opt_state), optax.tree.norm(total)
 
 
 class Trainer:

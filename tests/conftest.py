@@ -1,31 +1,27 @@
-"""Shared test settings: tiny models and resolutions so each compiled step takes seconds on 2 CPU cores."""
+"""Test session settings.
+
+XLA:CPU compilation dominates test time here, so tests compile with backend optimisation level 0 (about half the
+compile time; runtime does not matter for tiny models) and share one persistent compilation cache per session, so
+identical programs built by different tests compile once.
+"""
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 
-from configs import default  # noqa: E402
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.util import tiny_config  # noqa: E402
 
 
-def tiny_config(**overrides):
-  """The default config shrunk to 16 px inputs, 4 widths and batch 8."""
-  config = default.get_config()
-  config.model.num_downsample = 2
-  config.resolutions = (16, 12, 8)
-  config.independent_resolution = 16
-  config.width_step = 0.25
-  config.batch_size = 8
-  config.learning_rate = 0.05
-  config.compilation_cache_dir = ''
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split('.')
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-  return config
+@pytest.fixture(scope='session', autouse=True)
+def _compilation_cache(tmp_path_factory):
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  yield
 
 
 @pytest.fixture

@@ -11,8 +11,10 @@ from mutualnet_jax.errors import UserError
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.models.mobilenet_v1 import MobileNetV1
 from mutualnet_jax.models.mobilenet_v2 import MobileNetV2
+from mutualnet_jax.models.tiny import TinyConvNet
 
-MODELS: dict[str, type[SlimmableModel]] = {'mobilenet_v1': MobileNetV1, 'mobilenet_v2': MobileNetV2}
+MODELS: dict[str, type[SlimmableModel]] = {'mobilenet_v1': MobileNetV1, 'mobilenet_v2': MobileNetV2,
+                                           'tiny_convnet': TinyConvNet}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 

@@ -1,0 +1,184 @@
+"""The MutualNet step: summed CE+KD gradients, one compile per bucket, weight-decay mask, multi-device/-host."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mutualnet_jax import parallel, train
+from mutualnet_jax.errors import UserError
+from mutualnet_jax.sampling import Subnet
+from tests.util import tiny_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEACHER, STUDENT = Subnet(1.0, 16, 'ce'), Subnet(0.25, 8, 'kd')
+
+
+def make_trainer(config=None, mesh=None):
+  config = config or tiny_config()
+  return train.Trainer(config, mesh or parallel.make_mesh(), channels=1, image_size=16, total_steps=20,
+                       steps_per_epoch=10)
+
+
+def make_batch(mesh, n=8, seed=0):
+  rng = np.random.RandomState(seed)
+  local = {'image': rng.randn(n, 16, 16, 1).astype(np.float32), 'label': (np.arange(n) % 10).astype(np.int32)}
+  return parallel.global_batch(local, mesh)
+
+
+@pytest.fixture(scope='module')
+def trainer():
+  return make_trainer()
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active (JAX's own monitoring events)."""
+
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      self.count += 1
+
+
+def test_weight_decay_skips_depthwise_bn_and_biases(trainer):
+  params = trainer.abstract_state().params
+  mask = train.weight_decay_mask(params)
+  assert mask['stem']['conv']['kernel'] and mask['block0_pw']['conv']['kernel'] and mask['classifier']['kernel']
+  assert len(jax.tree.leaves(mask)) == 17
+  assert not mask['block0_dw']['conv']['kernel']
+  assert not mask['stem']['bn']['scale'] and not mask['stem']['bn']['bias'] and not mask['classifier']['bias']
+  # With zero gradients, only decayed parameters move: by -lr * wd * w (plain SGD, first step).
+  config = tiny_config(momentum=0.0, nesterov=False, weight_decay=0.1)
+  tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+  p = jax.tree.map(lambda s: jnp.ones(s.shape), params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+  np.testing.assert_allclose(updates['block0_pw']['conv']['kernel'], -0.1, rtol=1e-5)
+  assert float(jnp.abs(updates['block0_dw']['conv']['kernel']).max()) == 0.0
+  assert float(jnp.abs(updates['stem']['bn']['scale']).max()) == 0.0
+
+
+def test_step_sums_the_subnetwork_gradients_into_one_update(trainer):
+  mesh = trainer.mesh
+  batch = make_batch(mesh)
+  state = trainer.init_state(0)
+  params = jax.device_get(state.params)
+  m_t, g_t, teacher = trainer.steps(TEACHER, state.params, batch['image'], batch['label'])
+  m_s, g_s, _ = trainer.steps(STUDENT, state.params, batch['image'], teacher)
+  new_state, subnets, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
+  assert subnets == [TEACHER, STUDENT]
+
+  @jax.jit
+  def reference_update(params, g_t, g_s):
+    total = jax.tree.map(lambda a, b: a + b, g_t, g_s)
+    updates, _ = trainer.tx.update(total, trainer.tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  expected = reference_update(params, g_t, g_s)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert int(new_state.step) == 1
+  assert float(metrics['loss/max']) == pytest.approx(float(m_t['loss']))
+  assert float(metrics['loss/min']) == pytest.approx(float(m_s['loss']))
+  # The student's loss is the KL to the teacher: its gradient reaches only the slice it uses.
+  assert float(jnp.abs(g_s['stem']['conv']['kernel'][..., 8:]).max()) == 0.0
+
+
+def test_a_bucket_seen_again_never_recompiles(trainer):
+  batch = make_batch(trainer.mesh, seed=1)
+  state = trainer.init_state(1)
+  state, _, _ = trainer.step(state, batch, [TEACHER, STUDENT])
+  compiled = trainer.steps.num_compiled
+  counter = CompileCounter()
+  for _ in range(3):
+    state, _, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
+  jax.block_until_ready(state)
+  assert counter.count == 0
+  assert trainer.steps.num_compiled == compiled
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch(trainer):
+  batch = make_batch(trainer.mesh, seed=2)
+  state = trainer.init_state(2)
+  first = None
+  for _ in range(6):
+    state, _, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
+    first = first if first is not None else float(metrics['loss/max'])
+  assert float(metrics['loss/max']) < first
+
+
+def test_precompile_covers_every_bucket_in_parallel_threads():
+  trainer = make_trainer()
+  buckets = trainer.sampler.buckets()
+  # The grid (0.25, 1.0) has no interior widths, so random sub-networks are min or max: teacher + 2 x 2 students.
+  assert len(buckets) == 5
+  trainer.steps.precompile(buckets, threads=2)
+  assert trainer.steps.num_compiled == 5
+  state = trainer.init_state(0)
+  batch = make_batch(trainer.mesh)
+  counter = CompileCounter()
+  for _ in range(4):
+    state, _, _ = trainer.step(state, batch)
+  jax.block_until_ready(state)
+  assert trainer.steps.num_compiled == 5
+  assert counter.count <= 1  # the optimizer update only: no sub-network step compiles again
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(batch_size=0), 'does not divide'),
+    (dict(resolutions=()), 'resolutions is empty'),
+    (dict(width_range=(0.9, 0.5)), 'width_range'),
+    (dict(method='once-for-all'), 'unknown method'),
+])
+def test_bad_training_settings_are_one_clear_error(overrides, match):
+  with pytest.raises(UserError, match=match):
+    make_trainer(tiny_config(**overrides))
+
+
+def _run(args, env_extra, timeout=600):
+  env = dict(os.environ, **env_extra)
+  return subprocess.run([sys.executable, os.path.join(HERE, 'distributed_step.py')] + args, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_eight_devices_equal_one_device_with_synchronised_bn(tmp_path):
+  """Same global batch, same sub-networks: params after a step on 8 devices match 1 device."""
+  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  out = _run(['--mode=devices', f'--out={tmp_path}'], {'XLA_FLAGS': flags})
+  assert out.returncode == 0, out.stderr[-3000:]
+  one, eight = np.load(tmp_path / 'devices_1.npz'), np.load(tmp_path / 'devices_8.npz')
+  assert one.files == eight.files and len(one.files) == 17
+  for k in one.files:
+    np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=5e-6, err_msg=k)
+
+
+def test_batch_not_divisible_by_device_count_is_one_clear_error(tmp_path):
+  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  out = _run(['--mode=bad_batch', f'--out={tmp_path}'], {'XLA_FLAGS': flags})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'does not divide over 8 devices' in (tmp_path / 'bad_batch.txt').read_text()
+
+
+def test_two_processes_on_localhost_train_like_one(tmp_path):
+  """A real multi-host job: 2 processes (gloo collectives), each feeding its half of the global batch."""
+  port = str(20000 + os.getpid() % 20000)
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'distributed_step.py'), '--mode=multiprocess',
+                             f'--out={tmp_path}', f'--process_id={i}', f'--port={port}'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  single = _run(['--mode=single', f'--out={tmp_path}'], {})
+  assert single.returncode == 0, single.stderr[-3000:]
+  ref = np.load(tmp_path / 'single.npz')
+  for i in range(2):
+    got = np.load(tmp_path / f'process_{i}.npz')
+    for k in ref.files:
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=5e-6, err_msg=f'process {i}: {k}')

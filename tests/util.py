@@ -1,0 +1,25 @@
+"""Shared test helpers: tiny configs so each compiled step takes seconds on 2 CPU cores."""
+from configs import default
+
+
+def tiny_config(**overrides):
+  """The default config with the tiny ConvNet, 16 px inputs, 2 widths (0.25, 1.0), 2 resolutions and batch 8.
+
+  Few buckets means few compilations; `overrides` take dotted keys, e.g. tiny_config(**{'model.name': 'x'}).
+  """
+  config = default.get_config()
+  config.model.name = 'tiny_convnet'
+  config.model.num_downsample = 3
+  config.resolutions = (16, 8)
+  config.independent_resolution = 16
+  config.width_step = 0.75
+  config.batch_size = 8
+  config.learning_rate = 0.05
+  config.compilation_cache_dir = ''
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split('.')
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return config
