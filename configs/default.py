@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128             # global batch, split over all devices of all hosts
   config.num_epochs = 3.0
   config.num_train_steps = -1         # > 0 overrides num_epochs
+  config.steps_per_run = -1           # > 0: save and exit after this many steps; the same command continues
   config.learning_rate = 0.1
   config.warmup_epochs = 0.0
   config.momentum = 0.9
@@ -58,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.calibration_images = 2000
   config.calibration_batch_size = 200
   config.eval_batch_size = 500
-  config.eval_every_steps = -1        # -1 = once per epoch
+  config.eval_every_steps = -1        # -1 = once per epoch (and at the end), 0 = never
   config.eval_calibration_images = 1000  # quick recalibration before the in-training evaluation
 
   # Bookkeeping.

@@ -14,6 +14,27 @@ def quiet_library_logs() -> None:
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in record.pathname)
 
 
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing where a bad value or a config override of a field that does not exist is one line.
+
+  (ml_collections raises AttributeError/KeyError for an unknown `--config.field`, which absl does not catch.)
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e} (see --helpfull)')
+  except (AttributeError, KeyError) as e:
+    detail = str(e).replace('\\n', ' ').replace("\\'", '').replace("'", '').strip('"')
+    _fail(f'no such config field: {" ".join(detail.split())}')
+  return []
+
+
 def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
   """`app.run(main)`, turning `UserError` into 'error: <message>' on stderr and exit status 2."""
   def guarded(argv: Sequence[str]) -> Any:
@@ -21,6 +42,9 @@ def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
     try:
       return main(argv)
     except UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  app.run(guarded)
+      _fail(str(e))
+    except OSError as e:
+      if 'config' not in str(e):
+        raise
+      _fail(' '.join(str(e).split()))  # ml_collections could not load the --config file
+  app.run(guarded, flags_parser=parse_flags)

@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     seconds = trainer.steps.precompile(buckets)
     writer.write_scalars(start, {'compile/precompile_seconds': seconds, 'compile/buckets': len(buckets)})
 
-  evaluate = InTrainingEval(config, trainer)
+  evaluate = InTrainingEval(config, trainer) if config.eval_every_steps else None
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   guard = PreemptionGuard()
@@ -317,8 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history, compiled_before, interval_start, summary = [], trainer.steps.num_compiled, time.perf_counter(), {}
   run_start, images_seen = time.perf_counter(), 0
   step = start
+  end = total_steps if config.steps_per_run <= 0 else min(total_steps, start + config.steps_per_run)
   try:
-    while step < total_steps:
+    while step < end:
       batch = parallel.global_batch(next(batches), mesh)
       state, _, metrics = trainer.step(state, batch)
       history.append(metrics)
@@ -337,9 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, scalars)
         history, interval_start = [], time.perf_counter()
       stop = guard.should_stop(step, ckpt.manager)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
+      if step % config.checkpoint_every_steps == 0 or step == end or stop:
         ckpt.save(step, state, {'step': step, 'sampler': trainer.sampler.state_dict()})
-      if step % eval_every == 0 or step == total_steps:
+      if evaluate and (step % eval_every == 0 or step == total_steps):
         summary = evaluate(state.params)
         writer.write_scalars(step, summary)
       if stop:

@@ -27,3 +27,23 @@ def _compilation_cache(tmp_path_factory):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+@pytest.fixture(scope='session')
+def fashion_data_dir(tmp_path_factory):
+  """The installed Fashion-MNIST prepared once per session into a fresh data_dir (about 20 s).
+
+  Skips when the Debian package is absent, unless MUTUALNET_REQUIRE_FASHION_MNIST=1 (CI), then fails.
+  """
+  from mutualnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mutualnet_jax.datasets import fashion_mnist_local  # pylint: disable=g-import-not-at-top
+  from mutualnet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    fashion_mnist_local.check_raw_dir(fashion_mnist_local.raw_dir())
+  except UserError as error:
+    if os.environ.get('MUTUALNET_REQUIRE_FASHION_MNIST') == '1':
+      pytest.fail(f'MUTUALNET_REQUIRE_FASHION_MNIST=1 but {error}')
+    pytest.skip(str(error))
+  data_dir = tmp_path_factory.mktemp('fashion_tfds')
+  input_pipeline.get_dataset_info(tiny_config(data_dir=str(data_dir)))
+  return data_dir

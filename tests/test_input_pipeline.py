@@ -258,18 +258,9 @@ def test_bad_config(tiny_dir, overrides, fragment):
 
 
 @pytest.fixture(scope='module')
-def real_dir(tmp_path_factory):
-  """The installed Fashion-MNIST prepared into a fresh data_dir (about 20 s)."""
-  raw = fashion_mnist_local.raw_dir()
-  try:
-    fashion_mnist_local.check_raw_dir(raw)
-  except UserError as error:
-    if os.environ.get('MUTUALNET_REQUIRE_FASHION_MNIST') == '1':
-      pytest.fail(f'MUTUALNET_REQUIRE_FASHION_MNIST=1 but {error}')
-    pytest.skip(str(error))
-  data_dir = tmp_path_factory.mktemp('real_tfds')
-  input_pipeline.get_dataset_info(_config(data_dir))
-  return data_dir
+def real_dir(fashion_data_dir):
+  """The installed Fashion-MNIST, prepared once per session (conftest)."""
+  return fashion_data_dir
 
 
 def test_real_fashion_mnist_counts(real_dir):

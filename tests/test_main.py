@@ -1,0 +1,149 @@
+"""The training program end to end on real Fashion-MNIST: exact resume, SIGKILL mid-save, one-line errors."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mutualnet_jax import checkpointing, parallel, train
+from mutualnet_jax.errors import UserError
+from tests.util import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def run_config(fashion_dir, **overrides):
+  """Tiny model on real data at 16 px; evaluation only at the end, on few images, to keep the test short."""
+  settings = dict(data_dir=str(fashion_dir), num_train_steps=STEPS, batch_size=16, log_every_steps=2,
+                  checkpoint_every_steps=2, eval_every_steps=1000, eval_calibration_images=64,
+                  calibration_batch_size=32, eval_batch_size=2000, shuffle_buffer=256)
+  return tiny_config(**{**settings, **overrides})
+
+
+def final_params(workdir, config):
+  trainer = train.Trainer(config, parallel.make_mesh(), channels=1, image_size=16, total_steps=STEPS,
+                          steps_per_epoch=STEPS)
+  ckpt = checkpointing.Checkpoints(str(workdir), keep=3, expected=checkpointing.fingerprint(config, 1))
+  state, meta = ckpt.restore(ckpt.latest_step(), trainer.abstract_state())
+  ckpt.close()
+  return jax.tree.map(np.asarray, jax.device_get(state.params)), meta
+
+
+def assert_bit_identical(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def straight(fashion_data_dir, tmp_path_factory):
+  """A run of STEPS steps without interruption: the reference for the resume tests."""
+  workdir = tmp_path_factory.mktemp('straight')
+  config = run_config(fashion_data_dir)
+  summary = train.train_and_evaluate(config, str(workdir))
+  return workdir, config, summary
+
+
+def test_straight_run_trains_evaluates_and_checkpoints(straight):
+  workdir, config, summary = straight
+  assert summary['step'] == STEPS
+  assert 0.0 <= summary['eval_top1/max'] <= 1.0 and 'eval_top1/min' in summary
+  assert sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit()) == [2, 4, 6]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+def test_resume_is_bit_identical(straight, fashion_data_dir, tmp_path):
+  workdir, config, _ = straight
+  split = run_config(fashion_data_dir, steps_per_run=STEPS // 2)
+  first = train.train_and_evaluate(split, str(tmp_path))
+  assert first['step'] == STEPS // 2
+  second = train.train_and_evaluate(split, str(tmp_path))  # the same command again continues
+  assert second['step'] == STEPS
+  expected, expected_meta = final_params(workdir, config)
+  got, got_meta = final_params(tmp_path, config)
+  assert_bit_identical(expected, got)
+  assert got_meta['sampler'] == expected_meta['sampler']
+
+
+def _main(workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/fashion_mnist.py', f'--workdir={workdir}',
+          *overrides]
+
+
+def _tiny_overrides(data_dir, steps):
+  return [f'--config.data_dir={data_dir}', '--config.model.name=tiny_convnet', '--config.resolutions=(16,8)',
+          '--config.width_step=0.75', '--config.batch_size=16', f'--config.num_train_steps={steps}',
+          '--config.checkpoint_every_steps=1', '--config.eval_every_steps=0',
+          '--config.eval_calibration_images=64', '--config.calibration_batch_size=32',
+          '--config.eval_batch_size=2000', '--config.shuffle_buffer=256', '--config.compilation_cache_dir=',
+          '--config.keep_checkpoints=100']
+
+
+def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(fashion_data_dir, tmp_path):
+  steps = 12
+  ckpt_dir = tmp_path / 'checkpoints'
+  proc = subprocess.Popen(_main(tmp_path, *_tiny_overrides(fashion_data_dir, steps)), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Kill the moment a save is in flight (orbax writes into a temporary directory, then renames it).
+  deadline, killed_mid_save = time.time() + 300, False
+  while time.time() < deadline and proc.poll() is None:
+    entries = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+    if any('tmp' in e for e in entries) and any(e.isdigit() for e in entries):
+      proc.send_signal(signal.SIGKILL)
+      killed_mid_save = True
+      break
+    time.sleep(0.002)
+  proc.wait()
+  assert killed_mid_save, 'the run ended before a save could be interrupted'
+  complete = sorted(int(e) for e in os.listdir(ckpt_dir) if e.isdigit())
+  assert complete and complete[-1] < steps
+  resumed = subprocess.run(_main(tmp_path, *_tiny_overrides(fashion_data_dir, steps)), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resumed from step {complete[-1]}.' in resumed.stderr
+  assert not [e for e in os.listdir(ckpt_dir) if 'tmp' in e]
+  assert max(int(e) for e in os.listdir(ckpt_dir) if e.isdigit()) == steps
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(dataset='imagenet3000'), 'imagenet3000'),
+    (dict(data_dir='/nonexistent/tfds'), '/nonexistent/tfds'),
+])
+def test_bad_data_is_one_clear_error(fashion_data_dir, tmp_path, overrides, message):
+  with pytest.raises(UserError, match=message):
+    train.train_and_evaluate(run_config(fashion_data_dir, **overrides), str(tmp_path))
+
+
+def test_unwritable_workdir_is_one_clear_error(fashion_data_dir, tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(UserError, match='not writable'):
+    train.train_and_evaluate(run_config(fashion_data_dir), str(blocker / 'workdir'))
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(straight, fashion_data_dir):
+  workdir, _, _ = straight
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  with pytest.raises(UserError, match='different model'):
+    train.train_and_evaluate(run_config(fashion_data_dir, **{'model.max_width': 2.0, 'width_range': (1.0, 2.0)}),
+                             str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before
+
+
+def test_cli_errors_are_one_line(fashion_data_dir, tmp_path):
+  """A typo'd override and a wrong type stop before any work; a UserError prints 'error: ...' and exits 2."""
+  typo = subprocess.run(_main(tmp_path, '--config.lerning_rate=0.1'), cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert typo.returncode != 0 and 'lerning_rate' in typo.stderr and 'Traceback' not in typo.stderr
+  wrong_type = subprocess.run(_main(tmp_path, '--config.batch_size=big'), cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+  assert wrong_type.returncode != 0 and 'batch_size' in wrong_type.stderr and 'Traceback' not in wrong_type.stderr
+  unknown = subprocess.run(_main(tmp_path, *_tiny_overrides(fashion_data_dir, 1), '--config.model.name=resnet9'),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert unknown.returncode == 2 and 'Traceback' not in unknown.stderr
+  assert unknown.stderr.strip().splitlines()[-1].startswith("error: unknown model 'resnet9'")
+  assert not os.path.exists(tmp_path / 'checkpoints')
