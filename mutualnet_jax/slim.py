@@ -6,6 +6,7 @@ fixed-shape XLA program and nothing is masked at run time.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Literal, Sequence
 
@@ -84,17 +85,38 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
   return (size + 2 * pad - kernel) // stride + 1
 
 
+def _pad_hw(x: jax.Array, lo: int, hi: int) -> jax.Array:
+  """Zero-pads the two spatial axes of an NHWC array."""
+  if lo == hi == 0:
+    return x
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo, hi, 0), (lo, hi, 0), (0, 0, 0)))
+
+
+def _taps(xp: jax.Array, kernel: int, stride: int, ho: int, wo: int) -> list[jax.Array]:
+  """The K*K strided (ho, wo) windows of an already padded NHWC array, row-major over the kernel taps."""
+  n, _, _, c = xp.shape
+  return [
+      lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1))
+      for i in range(kernel) for j in range(kernel)
+  ]
+
+
 def _shifted_views(x: jax.Array, kernel: int, stride: int) -> list[jax.Array]:
   """The K*K strided windows of the padded input whose weighted sum is a KxK convolution."""
   pad = (kernel - 1) // 2
-  n, h, w, c = x.shape
-  ho, wo = conv_output_size(h, kernel, stride), conv_output_size(w, kernel, stride)
-  if pad:
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return [
-      lax.slice(x, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1))
-      for i in range(kernel) for j in range(kernel)
-  ]
+  ho, wo = conv_output_size(x.shape[1], kernel, stride), conv_output_size(x.shape[2], kernel, stride)
+  return _taps(_pad_hw(x, pad, pad), kernel, stride, ho, wo)
+
+
+def _matmul_nhwc(x: jax.Array, w: jax.Array) -> jax.Array:
+  """(N, H, W, Cin) x (Cin, Cout) as one 2-D matmul.
+
+  Flattening first matters for the backward pass: the kernel gradient is then a plain (P, Cin)^T (P, Cout) dot, which
+  XLA:CPU runs without moving data, where the 4-D form made it materialise a transposed copy of the incoming
+  gradient with the whole BN/ReLU backward fused into it, read in a cache-hostile order (~60 % of a training step).
+  """
+  n, h, wd, c = x.shape
+  return jnp.dot(x.reshape(n * h * wd, c), w).reshape(n, h, wd, w.shape[-1])
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
@@ -107,23 +129,80 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array
   if k == 1:
     if stride > 1:
       x = x[:, ::stride, ::stride, :]
-    return jnp.dot(x, kernel[0, 0])
-  patches = jnp.concatenate(_shifted_views(x, k, stride), axis=-1)
-  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
+    return _matmul_nhwc(x, kernel[0, 0])
+  patches = jnp.concatenate(_shifted_views(x, k, stride), axis=-1)  # im2col, (tap, channel) order = HWIO rows
+  return _matmul_nhwc(patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _depthwise_taps(xp: jax.Array, kernel: jax.Array, stride: int, ho: int, wo: int) -> jax.Array:
+  """sum over taps of window * weight: one fused elementwise loop in XLA (no window is materialised)."""
+  k = kernel.shape[0]
+  out = None
+  for t, view in enumerate(_taps(xp, k, stride, ho, wo)):
+    term = view * kernel[t // k, t % k]
+    out = term if out is None else out + term
+  return out
+
+
+def _depthwise_geometry(x_shape: Sequence[int], k: int, stride: int) -> tuple[int, int, int]:
+  return (k - 1) // 2, conv_output_size(x_shape[1], k, stride), conv_output_size(x_shape[2], k, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_shift_add(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  pad, ho, wo = _depthwise_geometry(x.shape, kernel.shape[0], stride)
+  return _depthwise_taps(_pad_hw(x, pad, pad), kernel, stride, ho, wo)
+
+
+def _depthwise_shift_add_fwd(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[jax.Array, Any]:
+  pad, ho, wo = _depthwise_geometry(x.shape, kernel.shape[0], stride)
+  xp = _pad_hw(x, pad, pad)  # materialised once; the backward pass reuses it
+  return _depthwise_taps(xp, kernel, stride, ho, wo), (xp, kernel)
+
+
+def _depthwise_shift_add_bwd(stride: int, res: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gradients written for XLA:CPU (autodiff of the shifted slices gives K*K padded full-size copies of the
+  gradient and K*K materialised windows for the kernel reductions; each is a fresh multi-MB buffer).
+
+  input:  the transposed convolution = a stride-1 shift-add of the (dilated by stride-1, padded) gradient with the
+          flipped kernel, one fused loop;
+  kernel: K*K window-times-gradient products reduced over rows in ONE variadic reduce (the products fuse into it,
+          nothing full-size is written), then the small (K*K, N, Wo, C) partial sums are added up.
+  """
+  xp, kernel = res
+  k = kernel.shape[0]
+  pad = (k - 1) // 2
+  n, hp, wp, c = xp.shape
+  h, w = hp - 2 * pad, wp - 2 * pad
+  ho, wo = g.shape[1], g.shape[2]
+  zero = jnp.zeros((), g.dtype)
+  lo = k - 1 - pad
+  gp = lax.pad(g, zero, ((0, 0, 0), (lo, h + pad - (ho - 1) * stride - 1, stride - 1),
+                         (lo, w + pad - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  dx = _depthwise_taps(gp, kernel[::-1, ::-1], 1, h, w)
+  f32 = jnp.promote_types(g.dtype, jnp.float32)
+  prods = [(view * g).astype(f32) for view in _taps(xp, k, stride, ho, wo)]
+  rows = lax.reduce(prods, [jnp.zeros((), f32)] * len(prods),
+                    lambda a, b: [u + v for u, v in zip(a, b)], (1,))
+  dk = jnp.stack(rows).sum((1, 2)).reshape(k, k, c).astype(kernel.dtype)
+  return dx, dk
+
+
+_depthwise_shift_add.defvjp(_depthwise_shift_add_fwd, _depthwise_shift_add_bwd)
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
-  """Depthwise KxK convolution; `kernel` is (K, K, C)."""
+  """Depthwise KxK convolution; `kernel` is (K, K, C).
+
+  'cpu_fast' is a shift-add with a hand-written gradient (a `jax.custom_vjp`: reverse mode only, like any custom_vjp;
+  forward-mode `jax.jvp` through it is not supported).
+  """
   k, _, c = kernel.shape
   if impl == 'xla':
     pad = (k - 1) // 2
     return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  views = _shifted_views(x, k, stride)
-  out = views[0] * kernel[0, 0]
-  for idx, view in enumerate(views[1:], start=1):
-    out = out + view * kernel[idx // k, idx % k]
-  return out
+  return _depthwise_shift_add(x, kernel, stride)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""The two kernel paths compute the same function: 'cpu_fast' (shift-add / matmul, hand-written depthwise gradient)
+against 'xla' (lax.conv), for outputs and for gradients wrt the input and the kernel, layer by layer and through
+whole models (logits and every parameter gradient)."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mutualnet_jax import slim
+from mutualnet_jax.models import MODELS
+
+TOL = 1e-5
+# Compile-time only: XLA:CPU's older loop emitters and no LLVM optimisation compile these programs in about a third of
+# the time; results are compared at tolerances far above any emitter difference.
+FAST_COMPILE = {'xla_cpu_use_fusion_emitters': False, 'xla_backend_optimization_level': 0}
+
+
+def assert_close(actual, expected, tol=TOL, what='', floor=0.0):
+  """|a - e| <= tol * (|e| + max|e|) + floor: relative per element, with an absolute floor at the tensor's scale (a
+  sum of many terms can cancel to a value far below the size of its rounding error)."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, what
+  scale = float(np.abs(expected).max()) if expected.size else 0.0
+  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale + floor, err_msg=what)
+
+
+def _value_and_vjp(fn, impl, stride, x, kernel, cotangent_seed=1):
+  """fn's output and its gradients wrt (x, kernel) for a fixed random cotangent."""
+  y, vjp = jax.vjp(lambda x, k: fn(x, k, stride, impl), x, kernel)
+  g = jax.random.normal(jax.random.key(cotangent_seed), y.shape, y.dtype)
+  return (y,) + vjp(g)
+
+
+# (depthwise, kernel, stride, channels, height, width). 7 x 10: an odd and an even spatial size in every case (padding
+# and stride-2 edges differ between them); 1-4 px inputs: every tap reads padding somewhere.
+CASES = ([(dw, k, s, c, 7, 10) for dw, k, s, c in itertools.product((True, False), (1, 3), (1, 2), (1, 3, 8, 17))]
+         + [(True, 3, s, 4, size, size) for size in (1, 2, 3, 4) for s in (1, 2)])
+
+
+def _case_id(case):
+  dw, k, s, c, h, w = case
+  return f"{'depthwise' if dw else 'dense'}-k{k}-s{s}-c{c}-{h}x{w}"
+
+
+def _inputs(case):
+  dw, k, s, c, h, w = case
+  rng = np.random.default_rng(CASES.index(case))
+  x = jnp.asarray(rng.standard_normal((2, h, w, c)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, c) if dw else (k, k, c, 5)), jnp.float32)
+  return x, kernel
+
+
+@pytest.fixture(scope='module')
+def results():
+  """Every case through both paths; one jitted program per path (compiling 2 x 40 small programs took longer)."""
+  inputs = [_inputs(case) for case in CASES]
+
+  def run_all(impl, inputs):
+    return [_value_and_vjp(slim.depthwise_conv2d if dw else slim.conv2d, impl, s, x, kernel)
+            for (dw, _, s, *_), (x, kernel) in zip(CASES, inputs)]
+
+  return {impl: jax.device_get(jax.jit(run_all, static_argnums=0, compiler_options=FAST_COMPILE)(impl, inputs))
+          for impl in ('xla', 'cpu_fast')}
+
+
+@pytest.mark.parametrize('case', CASES, ids=_case_id)
+def test_conv_paths_agree(results, case):
+  i = CASES.index(case)
+  ref, got = results['xla'][i], results['cpu_fast'][i]
+  _, k, s, _, h, w = case
+  assert ref[0].shape[1:3] == (slim.conv_output_size(h, k, s), slim.conv_output_size(w, k, s))
+  for name, a, b in zip(('output', 'grad wrt input', 'grad wrt kernel'), got, ref):
+    assert_close(a, b, what=name)
+
+
+def test_depthwise_bfloat16_gradient_dtypes():
+  x = jnp.ones((1, 6, 6, 3), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 3), jnp.bfloat16)
+  y, gx, gk = jax.jit(lambda x, k: _value_and_vjp(slim.depthwise_conv2d, 'cpu_fast', 2, x, k))(x, kernel)
+  assert (y.dtype, gx.dtype, gk.dtype) == (jnp.bfloat16,) * 3
+  assert gx.shape == x.shape and gk.shape == kernel.shape
+
+
+@pytest.mark.parametrize('name', ['mobilenet_v1', 'mobilenet_v2'])
+def test_models_agree_between_paths(name):
+  """Train-mode logits, loss and the gradient of every parameter agree between the kernel paths (width 0.25, 16 px).
+
+  In float64: there the paths agree to ~1e-10, so any difference in the function shows. In float32 a whole-model
+  comparison only measures rounding: ReLU6 clips about half the activations, values within rounding of 0 or 6 fall
+  on different sides in the two paths, and the BN-parameter gradients (sums that cancel) then differ by up to a few
+  % in *either* path against float64 — a comparison loose enough to pass would miss real errors. The float32
+  kernels are compared tightly, layer by layer, above.
+  """
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((2, 16, 16, 3))
+  labels = np.array([3, 7])
+  with jax.enable_x64(True):
+    models = {impl: MODELS[name](num_classes=10, num_downsample=3, conv_impl=impl, dtype=jnp.float64)
+              for impl in ('xla', 'cpu_fast')}
+    # Initial-value-like random parameters without compiling `init` (a few seconds per model).
+    shapes = jax.eval_shape(lambda: models['xla'].init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=True))
+
+    def draw(path, s):
+      key = jax.tree_util.keystr(path)
+      if key.endswith("['kernel']"):
+        value = slim.kaiming_normal_fan_out(rng, s.shape) if len(s.shape) > 2 else rng.normal(0, 0.1, s.shape)
+      else:  # BN scale/bias and the classifier bias, random so that no gradient is special
+        value = rng.normal(1.0 if key.endswith("['scale']") else 0.0, 0.2, s.shape)
+      return jnp.asarray(value, jnp.float64)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes['params'])
+
+    def run(model):
+      def loss(p):
+        logits = model.apply({'params': p}, jnp.asarray(images), width=0.25, train=True).astype(jnp.float64)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], 1).mean(), logits
+      return jax.device_get(jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(params))
+
+    (loss_ref, logits_ref), grads_ref = run(models['xla'])
+    (loss_got, logits_got), grads_got = run(models['cpu_fast'])
+  assert logits_ref.dtype == np.float64
+  assert_close(logits_got, logits_ref, 1e-9, 'logits')
+  assert_close(loss_got, loss_ref, 1e-9, 'loss')
+  flat_ref = jax.tree_util.tree_leaves_with_path(grads_ref)
+  flat_got = jax.tree_util.tree_leaves(grads_got)
+  assert len(flat_ref) == len(flat_got) > 50
+  # The BN biases just before a projection's next BN have an exact gradient of 0 (both paths give ~1e-17 noise):
+  # an absolute floor of 1e-9 of the largest gradient covers them.
+  floor = 1e-9 * max(float(np.abs(g).max()) for _, g in flat_ref)
+  for (path, ref), got in zip(flat_ref, flat_got):
+    assert ref.dtype == np.float64
+    assert_close(got, ref, 1e-7, jax.tree_util.keystr(path), floor=floor)
