@@ -1,23 +1,36 @@
-"""Post-training batch-norm statistics for one (width, resolution).
+"""Post-training batch-norm statistics for one (width, resolution), and the store that keeps them.
 
 Statistics are not shared across configurations: after training, each (width, resolution) gets its own mean and
 variance per BN layer, recomputed from a few thousand training images as an exact cumulative average. Each batch runs
 the network in training mode (every BN normalises with its batch statistics, as the official code does while
 calibrating) and its per-layer moments are merged with Chan's parallel formula, so the result equals the mean and
 (biased) variance over all calibration images of each BN layer's input. One compiled function per bucket.
+
+`StatsStore` keeps one orbax item per (width, resolution) under `workdir/bn_stats/`, holding only the compact arrays
+of that sub-network, a checksum and where they came from (checkpoint, calibration settings). Items are written
+atomically and never touch each other; an item that fails to restore or to match its checksum is reported and
+recomputed, and one from another checkpoint or other settings is recomputed.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping
+import hashlib
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
 from mutualnet_jax import parallel
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
+
+STORE_DIR = 'bn_stats'
+_is_layer = lambda x: isinstance(x, Mapping) and 'mean' in x  # noqa: E731
 
 
 def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
@@ -30,7 +43,7 @@ def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
     m2 = a['m2'] + b['var'] * batch_count + delta * delta * (count * batch_count / total)
     return {'mean': mean, 'm2': m2}
 
-  return jax.tree.map(merge_layer, acc, batch, is_leaf=lambda x: isinstance(x, Mapping) and 'mean' in x)
+  return jax.tree.map(merge_layer, acc, batch, is_leaf=_is_layer)
 
 
 class Calibrator:
@@ -41,36 +54,126 @@ class Calibrator:
     self.model = model.clone(bn_groups=1)
     self.mesh = mesh
     self.antialias = antialias
+    self._shapes: dict[tuple[float, int], Any] = {}
 
   @functools.lru_cache(maxsize=None)
-  def _step(self, width: float, resolution: int):
+  def _step(self, width: float, resolution: int) -> Callable[..., Any]:
     def step(params, images, acc, count):
       x = resize(images, resolution, self.antialias)
       _, state = self.model.apply({'params': params}, x, width=width, train=True, mutable=['bn_moments'])
-      return _merge(acc, count, state['bn_moments'], x.shape[0]), count + x.shape[0]
-    return jax.jit(step, donate_argnums=(2,))
+      return _merge(acc, count, state['bn_moments'], x.shape[0])
+    # Outputs placed like the inputs, so the second batch hits the first batch's executable.
+    return jax.jit(step, donate_argnums=(2,), out_shardings=parallel.replicated_sharding(self.mesh))
 
-  def _zeros(self, params: Any, width: float, resolution: int, image_shape: tuple[int, ...]) -> Any:
-    x = jax.ShapeDtypeStruct((1, resolution, resolution, image_shape[-1]), jnp.float32)
-    shapes = jax.eval_shape(lambda p, x: self.model.apply({'params': p}, x, width=width, train=True,
-                                                          mutable=['bn_moments'])[1]['bn_moments'], params, x)
-    layer = lambda s: {'mean': jnp.zeros(s['mean'].shape), 'm2': jnp.zeros(s['mean'].shape)}
-    zeros = jax.tree.map(layer, shapes, is_leaf=lambda x: isinstance(x, Mapping) and 'mean' in x)
-    return parallel.replicate(zeros, self.mesh)
+  def _zeros(self, params: Any, width: float, channels: int) -> Any:
+    """Replicated zero accumulators shaped like this width's BN moments (traced once per width)."""
+    if (width, channels) not in self._shapes:
+      r = self.model.min_resolution
+      x = jax.ShapeDtypeStruct((1, r, r, channels), jnp.float32)
+      moments = jax.eval_shape(lambda p, x: self.model.apply({'params': p}, x, width=width, train=True,
+                                                             mutable=['bn_moments'])[1]['bn_moments'], params, x)
+      self._shapes[width, channels] = jax.tree.map(lambda s: s['mean'].shape, moments, is_leaf=_is_layer)
+    zeros = lambda shape: {'mean': np.zeros(shape, np.float32), 'm2': np.zeros(shape, np.float32)}  # noqa: E731
+    tree = jax.tree.map(zeros, self._shapes[width, channels], is_leaf=lambda x: isinstance(x, tuple))
+    return parallel.replicate(tree, self.mesh)
 
   def calibrate(self, params: Any, width: float, resolution: int, batches: Iterable[Mapping[str, Any]]) -> Any:
-    """BN statistics {'layer': {'bn': {'mean', 'var'}}} (compact arrays of this width) over all `batches`.
+    """BN statistics {'layer': {'bn': {'mean', 'var'}}} (compact NumPy arrays of this width) over all `batches`.
 
     `batches` yields process-local dicts with an 'image' entry (full batches; see
     `input_pipeline.calibration_iterator`)."""
     step = self._step(width, resolution)
-    acc, count = None, jnp.zeros((), jnp.float32)
+    acc, count = None, 0
     for batch in batches:
       images = parallel.global_batch({'image': batch['image']}, self.mesh)['image']
       if acc is None:
-        acc = self._zeros(params, width, resolution, images.shape)
-      acc, count = step(params, images, acc, count)
+        acc = self._zeros(params, width, images.shape[-1])
+      acc = step(params, images, acc, np.float32(count))
+      count += images.shape[0]
     if acc is None:
       raise ValueError('calibration got no batches.')
-    to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / count}
-    return jax.tree.map(to_stats, acc, is_leaf=lambda x: isinstance(x, Mapping) and 'm2' in x)
+    to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / np.float32(count)}  # noqa: E731
+    return jax.tree.map(to_stats, jax.device_get(acc), is_leaf=lambda x: isinstance(x, Mapping) and 'm2' in x)
+
+
+def tree_digest(tree: Any) -> str:
+  """SHA-256 of a tree's paths, dtypes, shapes and bytes: equal digests mean equal contents."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0],
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|'.encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def store_key(width: float, resolution: int) -> str:
+  """Directory name of one configuration, e.g. 'w0.7_r160'."""
+  return f'w{width:g}_r{int(resolution)}'
+
+
+class StatsStore:
+  """BN statistics per (width, resolution) in `workdir/bn_stats/<key>/`: items 'stats' (arrays) and 'meta' (JSON:
+  width, resolution, checksum, provenance).
+
+  `provenance` describes what the statistics depend on (checkpoint parameters, calibration images and batch size,
+  preprocessing); an item saved under another provenance is stale and is recalibrated, never reused.
+  """
+
+  def __init__(self, workdir: str):
+    self.directory = epath.Path(workdir) / STORE_DIR
+    self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+  def path(self, width: float, resolution: int) -> epath.Path:
+    return self.directory / store_key(width, resolution)
+
+  def keys(self) -> list[str]:
+    """Keys of the finished items (orbax's temporary directories of interrupted writes are skipped)."""
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if (p / 'meta').exists() and '.orbax' not in p.name)
+
+  def load(self, width: float, resolution: int, provenance: Mapping[str, Any]) -> Any | None:
+    """The stored statistics, or None when absent, stale or corrupt (corrupt ones are reported)."""
+    path = self.path(width, resolution)
+    if not path.exists():
+      return None
+    try:
+      item = self._checkpointer.restore(path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(),
+                                                                      meta=ocp.args.JsonRestore()))
+      stats, meta = item['stats'], item['meta']
+      checksum_ok = tree_digest(stats) == meta['checksum']
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      logging.warning('BN statistics %s are unreadable (%s: %s); recomputing them.', path, type(e).__name__,
+                      str(e).splitlines()[0][:160] if str(e) else '')
+      return None
+    if not checksum_ok:
+      logging.warning('BN statistics %s do not match their checksum (corrupt); recomputing them.', path)
+      return None
+    if meta.get('provenance') != dict(provenance):
+      logging.info('BN statistics %s were calibrated for another checkpoint or settings; recomputing them.', path)
+      return None
+    return stats
+
+  def save(self, width: float, resolution: int, stats: Any, provenance: Mapping[str, Any]) -> epath.Path:
+    """Writes (or replaces) one configuration's item; orbax writes a temporary directory and renames it."""
+    stats = jax.device_get(stats)
+    meta = {'width': width, 'resolution': int(resolution), 'checksum': tree_digest(stats),
+            'provenance': dict(provenance)}
+    path = self.path(width, resolution)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self._checkpointer.save(path, args=ocp.args.Composite(stats=ocp.args.StandardSave(stats),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+    return path
+
+
+def get_or_calibrate(store: StatsStore, calibrator: Calibrator, params: Any, width: float, resolution: int,
+                     batches: Callable[[], Iterable[Mapping[str, Any]]],
+                     provenance: Mapping[str, Any]) -> tuple[Any, bool]:
+  """(statistics, whether they were computed now): from the store when valid, else calibrated and stored."""
+  stats = store.load(width, resolution, provenance)
+  if stats is not None:
+    return stats, False
+  stats = calibrator.calibrate(params, width, resolution, batches())
+  store.save(width, resolution, stats, provenance)
+  return stats, True

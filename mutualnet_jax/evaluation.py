@@ -34,9 +34,12 @@ class Evaluator:
 
   def evaluate(self, params: Any, batch_stats: Any, width: float, resolution: int,
                batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """{'top1', 'top5', 'count'} over `batches` (process-local dicts with image, label, mask)."""
+    """{'top1', 'top5', 'count'} over `batches` (process-local dicts with image, label, mask).
+
+    `batch_stats` may be host arrays (from the store) or device arrays: both are placed replicated, so either hits
+    the same executable."""
     fn = self._counts(width, resolution)
-    variables = {'params': params, 'batch_stats': batch_stats}
+    variables = {'params': params, 'batch_stats': parallel.replicate(batch_stats, self.mesh)}
     total = None
     for batch in batches:
       batch = parallel.global_batch(batch, self.mesh)
