@@ -15,6 +15,7 @@ def imagenet_config(model: str, method: str = 'mutualnet') -> ml_collections.Con
   config.model.num_downsample = 5
   config.method = method
   config.width_range = (0.25, 1.0)
+  config.width_step = 0.05
   config.resolutions = (224, 192, 160, 128)
   config.independent_width = 1.0
   config.independent_resolution = 224
