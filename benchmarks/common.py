@@ -100,6 +100,7 @@ def environment() -> dict[str, Any]:
       'machine': platform.machine(),
       'loadavg_at_end': os.getloadavg(),
       'ld_preload': os.environ.get('LD_PRELOAD', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'argv': sys.argv,
   }

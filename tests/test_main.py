@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -75,7 +74,8 @@ def _main(workdir, *overrides):
 
 
 def _tiny_overrides(data_dir, steps):
-  return [f'--config.data_dir={data_dir}', '--config.model.name=tiny_convnet', '--config.resolutions=(16,8)',
+  return [f'--config.data_dir={data_dir}', '--config.model.name=tiny_convnet', '--config.model.num_downsample=3',
+          '--config.resolutions=(16,8)',
           '--config.width_step=0.75', '--config.batch_size=16', f'--config.num_train_steps={steps}',
           '--config.checkpoint_every_steps=1', '--config.eval_every_steps=0',
           '--config.eval_calibration_images=64', '--config.calibration_batch_size=32',
@@ -84,23 +84,16 @@ def _tiny_overrides(data_dir, steps):
 
 
 def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(fashion_data_dir, tmp_path):
-  steps = 12
+  steps, kill_at = 12, 7
   ckpt_dir = tmp_path / 'checkpoints'
-  proc = subprocess.Popen(_main(tmp_path, *_tiny_overrides(fashion_data_dir, steps)), cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  # Kill the moment a save is in flight (orbax writes into a temporary directory, then renames it).
-  deadline, killed_mid_save = time.time() + 300, False
-  while time.time() < deadline and proc.poll() is None:
-    entries = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
-    if any('tmp' in e for e in entries) and any(e.isdigit() for e in entries):
-      proc.send_signal(signal.SIGKILL)
-      killed_mid_save = True
-      break
-    time.sleep(0.002)
-  proc.wait()
-  assert killed_mid_save, 'the run ended before a save could be interrupted'
+  killed = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'kill_mid_save.py'),
+                           *_main(tmp_path, *_tiny_overrides(fashion_data_dir, steps))[2:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'KILL_AT_STEP': str(kill_at)})
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert [e for e in os.listdir(ckpt_dir) if 'tmp' in e], 'the killed save left no temporary directory'
   complete = sorted(int(e) for e in os.listdir(ckpt_dir) if e.isdigit())
-  assert complete and complete[-1] < steps
+  assert complete[-1] == kill_at - 1
   resumed = subprocess.run(_main(tmp_path, *_tiny_overrides(fashion_data_dir, steps)), cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
