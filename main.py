@@ -1,9 +1,9 @@
 """Trains one slimmable network with MutualNet, or turns a trained one into a width x resolution menu.
 
   python main.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist [--config.num_epochs=1 ...]
-  python main.py --mode=sweep --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
+  python main.py --mode=sweep --workdir=/tmp/fmnist   # the config saved by training; or pass --config
   python main.py --mode=query --workdir=/tmp/fmnist --budget_mflops=20 [--format=json]
-  python main.py --mode=export --config=configs/fashion_mnist.py --workdir=/tmp/fmnist --width=0.7 --resolution=24
+  python main.py --mode=export --workdir=/tmp/fmnist --width=0.75 --resolution=24
   python main.py --mode=plot --workdir=/tmp/plots --workdirs=/tmp/mutualnet,/tmp/usnet --labels=MutualNet,US-Net
 """
 import json
@@ -34,7 +34,8 @@ flags.DEFINE_string('coordinator_address', '', 'Multi-process jobs: host:port of
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() before anything else.')
 flags.DEFINE_integer('num_processes', 0, 'With --coordinator_address: number of processes.')
 flags.DEFINE_integer('process_id', -1, 'With --coordinator_address: this process.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration (configs/*.py).', lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Training configuration (configs/*.py); calibrate/sweep/export '
+                                'default to the config.json that training wrote in --workdir.', lock_config=True)
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -103,18 +104,22 @@ def plot(config, workdir):
 
 
 MODES = {'train': train, 'calibrate': calibrate, 'sweep': sweep_grid, 'query': query, 'export': export, 'plot': plot}
-NEEDS_CONFIG = ('train', 'calibrate', 'sweep', 'export')
+NEEDS_CONFIG = ('calibrate', 'sweep', 'export')  # default: the config.json that training saved
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.mode in NEEDS_CONFIG and FLAGS.config is None:
-    raise UserError(f'--mode={FLAGS.mode} needs --config (the config the run was trained with).')
+  config = FLAGS.config
+  if config is None and FLAGS.mode == 'train':
+    raise UserError('--mode=train needs --config, e.g. --config=configs/fashion_mnist.py.')
+  if config is None and FLAGS.mode in NEEDS_CONFIG:
+    from mutualnet_jax import trained  # pylint: disable=g-import-not-at-top
+    config = trained.saved_config(FLAGS.workdir)
   if FLAGS.distributed or FLAGS.coordinator_address:
     from mutualnet_jax import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+  MODES[FLAGS.mode](config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

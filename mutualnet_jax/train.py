@@ -277,7 +277,7 @@ class InTrainingEval:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluates periodically, returns a summary."""
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax import checkpointing, input_pipeline  # pylint: disable=g-import-not-at-top
+  from mutualnet_jax import checkpointing, input_pipeline, trained  # pylint: disable=g-import-not-at-top
 
   checkpointing.check_writable(workdir)
   enable_compilation_cache(config.compilation_cache_dir)
@@ -301,6 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = trainer.init_state(config.seed)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    trained.save_config(config, workdir)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
   buckets = trainer.sampler.buckets()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_collections
@@ -95,6 +96,33 @@ def check_request(config: ml_collections.ConfigDict, width: float, resolution: i
   """Validates a (width, resolution) from the config alone, before any checkpoint is read."""
   from mutualnet_jax.models import get_model  # pylint: disable=g-import-not-at-top
   return check_width(config, width), check_resolution(resolution, get_model(config.model), image_size(config))
+
+
+CONFIG_FILE = 'config.json'
+
+
+def _tuples(value: Any) -> Any:
+  """JSON has no tuples; configs declare sequences as tuples, so `--config.x=(...)` overrides keep type-checking."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the training config next to the checkpoints, so post-training modes need only --workdir."""
+  (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2, sort_keys=True))
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (a UserError when the workdir has none or it is damaged)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  try:
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  except FileNotFoundError:
+    raise UserError(f'{path} not found: pass --config (the config the run was trained with), or the --workdir '
+                    'of a run trained by main.py.') from None
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} is unreadable ({e}): pass --config (the config the run was trained with).') from None
 
 
 @dataclasses.dataclass(frozen=True)

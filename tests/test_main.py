@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from mutualnet_jax import checkpointing, parallel, train
+from mutualnet_jax import checkpointing, parallel, train, trained
 from mutualnet_jax.errors import UserError
 from tests.util import tiny_config
 
@@ -53,6 +53,8 @@ def test_straight_run_trains_evaluates_and_checkpoints(straight):
   assert 0.0 <= summary['eval_top1/max'] <= 1.0 and 'eval_top1/min' in summary
   assert sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit()) == [2, 4, 6]
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  saved = trained.saved_config(str(workdir))  # what calibrate/sweep/export use when --config is omitted
+  assert saved.to_dict() == config.to_dict() and isinstance(saved.resolutions, tuple)
 
 
 def test_resume_is_bit_identical(straight, fashion_data_dir, tmp_path):

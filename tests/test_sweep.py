@@ -204,3 +204,13 @@ def test_query_command_line(swept):
   out = _main('--mode=query', f'--workdir={workdir}', '--budget_mflops=0.000001')
   assert out.returncode == 2 and out.stderr.startswith('error: no configuration fits')
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_export_command_line_uses_the_config_saved_in_the_workdir(swept, tmp_path):
+  config, workdir, _, _ = swept
+  out = _main('--mode=export', f'--workdir={tmp_path}', '--width=0.25', '--resolution=8')
+  assert out.returncode == 2 and out.stderr.startswith('error: ') and 'config.json not found' in out.stderr
+  trained.save_config(config, workdir)
+  out = _main('--mode=export', f'--workdir={workdir}', '--width=0.25', '--resolution=8', f'--out={tmp_path / "net"}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert export.load(tmp_path / 'net').width == 0.25
