@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from mutualnet_jax import parallel
+from mutualnet_jax import checkpointing, parallel
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
 
@@ -121,7 +121,7 @@ class StatsStore:
   """
 
   def __init__(self, workdir: str):
-    self.directory = epath.Path(workdir) / STORE_DIR
+    self.directory = checkpointing.absolute(workdir) / STORE_DIR
     self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
   def path(self, width: float, resolution: int) -> epath.Path:

@@ -16,6 +16,12 @@ CHECKPOINT_DIR = 'checkpoints'
 _FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
 
 
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` made absolute (orbax refuses relative paths; `--workdir=runs/x` is the natural way to call main.py).
+  Paths with a scheme (gs://...) are already absolute."""
+  return epath.Path(path if '://' in os.fspath(path) else os.path.abspath(path))
+
+
 def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
   return {**{k: config.model[k] for k in _FINGERPRINT_FIELDS}, 'channels': channels}
 
@@ -25,7 +31,7 @@ class Checkpoints:
   only a temporary directory that is never restored)."""
 
   def __init__(self, workdir: str, *, keep: int, expected: dict[str, Any]):
-    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.directory = absolute(workdir) / CHECKPOINT_DIR
     self.expected = expected
     try:
       self.manager = ocp.CheckpointManager(

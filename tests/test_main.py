@@ -104,6 +104,17 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(fashion_data
   assert max(int(e) for e in os.listdir(ckpt_dir) if e.isdigit()) == steps
 
 
+def test_relative_workdir_trains_checkpoints_and_resumes(fashion_data_dir, tmp_path):
+  """`--workdir=runs/x` as the README writes it: orbax only takes absolute paths, so the program resolves it."""
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={ROOT}/configs/fashion_mnist.py',
+         '--workdir=runs/x', *_tiny_overrides(fashion_data_dir, 2)]
+  first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'runs' / 'x' / 'checkpoints')) == ['1', '2']
+  again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and 'Resumed from step 2.' in again.stderr, again.stderr[-3000:]
+
+
 @pytest.mark.parametrize('overrides,message', [
     (dict(dataset='imagenet3000'), 'imagenet3000'),
     (dict(data_dir='/nonexistent/tfds'), '/nonexistent/tfds'),
