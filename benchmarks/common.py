@@ -68,6 +68,21 @@ def matmul_ceiling(sizes: Sequence[int] = (2048, 4096), repeats: int = 5) -> dic
   return {'gflops': max(per_size.values()), 'by_size': per_size}
 
 
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+  """GB/s of a jitted elementwise pass over a large f32 array (read once, written once): the ceiling of the
+  memory-bound parts of a step (batch norm, activations, depthwise shift-adds)."""
+  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+  t = time_call(jax.jit(lambda a: a * 1.0001 + 1.0), x, repeats=repeats, warmup=1)
+  return 2 * x.nbytes / t['median'] / 1e9
+
+
+def cost(compiled: Any) -> dict[str, float]:
+  """XLA's own count of FLOPs and bytes accessed by a compiled executable (its HLO cost analysis)."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return {'flops': float(analysis.get('flops', 0.0)), 'bytes': float(analysis.get('bytes accessed', 0.0))}
+
+
 def ceiling_from_flags() -> dict[str, Any]:
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
