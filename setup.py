@@ -15,6 +15,7 @@ setup(
         "ml-collections>=0.1.1",
         "clu>=0.0.12",
         "absl-py>=2.0",
+        "etils[epath]>=1.5",
         "numpy>=1.26",
         # Input pipeline: tf.data + TFDS; clu.metric_writers imports TensorFlow *and* tensorboard.
         "tensorflow-datasets>=4.9.4",

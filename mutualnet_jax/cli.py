@@ -14,7 +14,7 @@ def quiet_library_logs() -> None:
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in record.pathname)
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
@@ -28,11 +28,25 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{e} (see --helpfull)')
+    fail(f'{e} (see --helpfull)')
   except (AttributeError, KeyError) as e:
     detail = str(e).replace('\\n', ' ').replace("\\'", '').replace("'", '').strip('"')
-    _fail(f'no such config field: {" ".join(detail.split())}')
+    fail(f'no such config field: {" ".join(detail.split())}')
   return []
+
+
+def parse_numbers(values: Sequence[str] | None, kind: type, flag: str) -> list[Any] | None:
+  """A comma-separated list flag as numbers (None when the flag was not given), or a one-line UserError."""
+  if values is None:
+    return None
+  try:
+    parsed = [kind(v) for v in values]
+  except ValueError:
+    raise UserError(f'--{flag} must be a comma-separated list of {kind.__name__} values, got '
+                    f'{",".join(values)!r}.') from None
+  if not parsed:
+    raise UserError(f'--{flag} is empty: give at least one value or leave the flag out.')
+  return parsed
 
 
 def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
@@ -42,9 +56,9 @@ def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
     try:
       return main(argv)
     except UserError as e:
-      _fail(str(e))
+      fail(str(e))
     except OSError as e:
       if 'config' not in str(e):
         raise
-      _fail(' '.join(str(e).split()))  # ml_collections could not load the --config file
+      fail(' '.join(str(e).split()))  # ml_collections could not load the --config file
   app.run(guarded, flags_parser=parse_flags)

@@ -109,11 +109,13 @@ def format_table(rows: Sequence[Profile]) -> str:
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from mutualnet_jax.cli import parse_numbers  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
   model_config = dict(name=f.model, num_classes=f.num_classes, max_width=f.max_width,
                       num_downsample=f.num_downsample, conv_impl='xla')
-  rows = profile_grid(model_config, [float(w) for w in f.widths], [int(r) for r in f.resolutions], f.channels)
+  rows = profile_grid(model_config, parse_numbers(f.widths, float, 'widths'),
+                      parse_numbers(f.resolutions, int, 'resolutions'), f.channels)
   if f.format == 'json':
     print(json.dumps([dataclasses.asdict(r) for r in rows]))
   else:

@@ -7,7 +7,7 @@ import pytest
 
 from mutualnet_jax import profile, slim
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.models import get_model, init_params, mobilenet_v1
+from mutualnet_jax.models import get_model, init_params, mobilenet_v1, mobilenet_v2
 
 SMALL = dict(num_classes=10, num_downsample=2, conv_impl='cpu_fast')
 
@@ -32,6 +32,15 @@ def test_width_grid():
   assert slim.width_grid(0.25, 1.0, 0.3) == (0.25, 0.55, 0.85, 1.0)
 
 
+def _plain_conv_bn(x, features, kernel=1, stride=1, depthwise=False, relu=True):
+  """Stock Flax conv (no bias) + BN on batch statistics + optional ReLU6, PyTorch-style symmetric padding."""
+  pad = (kernel - 1) // 2
+  x = nn.Conv(features, (kernel, kernel), stride, padding=((pad, pad), (pad, pad)),
+              feature_group_count=x.shape[-1] if depthwise else 1, use_bias=False)(x)
+  x = nn.BatchNorm(use_running_average=False, epsilon=slim.BN_EPSILON, momentum=0.0)(x)
+  return jnp.clip(x, 0, 6) if relu else x
+
+
 class PlainMobileNetV1(nn.Module):
   """A fixed-width MobileNet v1 written with stock Flax layers: the reference a slimmed sub-network must equal."""
   channels: tuple
@@ -40,23 +49,41 @@ class PlainMobileNetV1(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    def conv_bn(x, features, stride, groups=1):
-      x = nn.Conv(features, (3, 3) if groups > 1 or x.shape[-1] < 8 else (1, 1), stride,
-                  padding=((1, 1), (1, 1)) if groups > 1 or x.shape[-1] < 8 else 'VALID', feature_group_count=groups,
-                  use_bias=False)(x)
-      x = nn.BatchNorm(use_running_average=False, epsilon=slim.BN_EPSILON, momentum=0.0)(x)
-      return jnp.clip(x, 0, 6)
-    x = conv_bn(x, self.channels[0], self.strides[0])
+    x = _plain_conv_bn(x, self.channels[0], 3, self.strides[0])
     for c, s in zip(self.channels[1:], self.strides[1:]):
-      x = conv_bn(x, x.shape[-1], s, groups=x.shape[-1])
-      x = conv_bn(x, c, 1)
+      x = _plain_conv_bn(x, x.shape[-1], 3, s, depthwise=True)
+      x = _plain_conv_bn(x, c)
     return nn.Dense(self.num_classes)(x.mean((1, 2)))
 
 
-def _plain_params_from_slice(full, plain_shapes):
-  """Fills the plain network's parameters with the leading slices of the slimmable tree, layer by layer."""
-  names = ['stem'] + [f'block{i}_{k}' for i in range(13) for k in ('dw', 'pw')]
-  plain = jax.tree.map(lambda s: None, plain_shapes)
+class PlainMobileNetV2(nn.Module):
+  """A fixed-width MobileNet v2 from stock Flax layers, channel counts by the official slicing rules written out:
+  stem and block outputs make_divisible(c * w), expansion = (actual input channels) * t, last conv 1280."""
+  width: float
+  strides: tuple
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = _plain_conv_bn(x, slim.make_divisible(mobilenet_v2.STEM * self.width), 3, self.strides[0])
+    blocks = [(t, c, r == 0) for t, c, n, _ in mobilenet_v2.STAGES for r in range(n)]
+    cin = mobilenet_v2.STEM
+    for (t, c, _), s in zip(blocks, self.strides[1:]):
+      shortcut, hidden = x, x.shape[-1] * t
+      if t != 1:
+        x = _plain_conv_bn(x, hidden)
+      x = _plain_conv_bn(x, hidden, 3, s, depthwise=True)
+      x = _plain_conv_bn(x, slim.make_divisible(c * self.width), relu=False)
+      if s == 1 and cin == c:
+        x = x + shortcut
+      cin = c
+    x = _plain_conv_bn(x, mobilenet_v2.LAST)
+    return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+def _plain_params_from_slice(full, plain_shapes, names):
+  """Fills the plain network's parameters with the leading slices of the slimmable tree, layer by layer
+  (`names`: the slimmable layers in call order, which is the plain network's Conv_i/BatchNorm_i order)."""
   out = {}
   for i, name in enumerate(names):
     conv, bn = f'Conv_{i}', f'BatchNorm_{i}'
@@ -69,20 +96,33 @@ def _plain_params_from_slice(full, plain_shapes):
     out[bn] = {'scale': full[name]['bn']['scale'][:c], 'bias': full[name]['bn']['bias'][:c]}
   kd = plain_shapes['Dense_0']['kernel'].shape
   out['Dense_0'] = {'kernel': full['classifier']['kernel'][:kd[0]], 'bias': full['classifier']['bias']}
-  del plain
   return out
 
 
+def _plain_v1(model, width):
+  blocks = mobilenet_v1.BLOCKS
+  channels = tuple(slim.scaled_channels(c, width) for c in (mobilenet_v1.STEM,) + tuple(c for c, _ in blocks))
+  names = ['stem'] + [f'block{i}_{k}' for i in range(len(blocks)) for k in ('dw', 'pw')]
+  return PlainMobileNetV1(channels, tuple(model.stride_schedule([2] + [s for _, s in blocks])), 10), names
+
+
+def _plain_v2(model, width):
+  blocks = [(t, s if r == 0 else 1) for t, _, n, s in mobilenet_v2.STAGES for r in range(n)]
+  names = ['stem'] + [f'block{i}_{k}' for i, (t, _) in enumerate(blocks)
+                      for k in (('expand',) if t != 1 else ()) + ('dw', 'project')] + ['last']
+  return PlainMobileNetV2(width, tuple(model.stride_schedule([2] + [s for _, s in blocks])), 10), names
+
+
+@pytest.mark.parametrize('name,plain_fn', [('mobilenet_v1', _plain_v1), ('mobilenet_v2', _plain_v2)])
 @pytest.mark.parametrize('width', [0.25, 0.6, 1.0])
-def test_subnetwork_equals_plain_fixed_width_network(width):
-  model = get_model(dict(name='mobilenet_v1', **SMALL))
+def test_subnetwork_equals_plain_fixed_width_network(name, plain_fn, width):
+  model = get_model(dict(name=name, **SMALL))
   params = init_params(model, jax.random.key(0), 16, 3)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  channels = tuple(slim.scaled_channels(c, width) for c in (mobilenet_v1.STEM,) + tuple(c for c, _ in mobilenet_v1.BLOCKS))
-  strides = tuple(model.stride_schedule([2] + [s for _, s in mobilenet_v1.BLOCKS]))
-  plain = PlainMobileNetV1(channels, strides, 10)
+  plain, names = plain_fn(model, width)
   shapes = jax.eval_shape(lambda: plain.init(jax.random.key(0), x))['params']
-  plain_params = _plain_params_from_slice(params, shapes)
+  assert len([k for k in shapes if k.startswith('Conv_')]) == len(names)
+  plain_params = _plain_params_from_slice(params, shapes, names)
   expected, _ = jax.jit(lambda p: plain.apply({'params': p}, x, mutable=['batch_stats']))(plain_params)
   got = jax.jit(lambda p: model.apply({'params': p}, x, width=width, train=True))(params)
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)

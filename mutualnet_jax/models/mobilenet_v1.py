@@ -5,6 +5,8 @@ Every layer slims, including the last 1024-channel block and the classifier's in
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 
@@ -17,15 +19,18 @@ BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (
 
 
 class MobileNetV1(SlimmableModel):
+  """A 3x3 stem, then depthwise-separable blocks; `stem`/`blocks` are class constants so variants only restate them."""
+  stem: ClassVar[int] = STEM
+  blocks: ClassVar[tuple[tuple[int, int], ...]] = BLOCKS
 
   @nn.compact
   def __call__(self, x: jax.Array, width: float | None = None, train: bool = False) -> jax.Array:
     x, width, impl = self.prepare(x, width)
-    stem_stride, *strides = self.stride_schedule([2] + [s for _, s in BLOCKS])
-    x = self.conv_bn(STEM, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
-        x, self.channels(STEM, width), train)
-    cin = STEM
-    for i, ((c, _), s) in enumerate(zip(BLOCKS, strides)):
+    stem_stride, *strides = self.stride_schedule([2] + [s for _, s in self.blocks])
+    x = self.conv_bn(self.stem, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
+        x, self.channels(self.stem, width), train)
+    cin = self.stem
+    for i, ((c, _), s) in enumerate(zip(self.blocks, strides)):
       x = self.conv_bn(cin, cin, impl, kernel_size=3, strides=s, depthwise=True, name=f'block{i}_dw')(
           x, None, train)
       x = self.conv_bn(c, cin, impl, name=f'block{i}_pw')(x, self.channels(c, width), train)
