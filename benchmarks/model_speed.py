@@ -37,12 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from mutualnet_jax import profile
+from mutualnet_jax import allocator, profile
 from mutualnet_jax.models import get_model, init_params
 
 FLAGS = flags.FLAGS
 SETTINGS = ('big', 'tiny', 'small')
-TCMALLOC = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4', '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4')
 
 flags.DEFINE_list('settings', list(SETTINGS), f'Which of {SETTINGS} to run.')
 flags.DEFINE_list('impls', ['xla', 'cpu_fast'], 'Kernel paths to compare.')
@@ -135,22 +134,6 @@ def time_interleaved(cases: dict[str, dict[str, Any]]) -> None:
                      n=len(c['times']), page_faults_per_call=c['faults'] / len(c['times']))
 
 
-def _apply_malloc(choice: str) -> None:
-  """Re-executes this process once with the allocator environment `choice` asks for (it is read at start-up)."""
-  env = dict(os.environ)
-  if choice == 'hugepages' and 'glibc.malloc.hugetlb' not in env.get('GLIBC_TUNABLES', ''):
-    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), 'glibc.malloc.hugetlb=1']))
-  elif choice == 'tcmalloc' and 'tcmalloc' not in env.get('LD_PRELOAD', ''):
-    lib = next((p for p in TCMALLOC if os.path.exists(p)), None)
-    if lib is None:
-      print('tcmalloc not found (Debian: libgoogle-perftools4); running with the default allocator.')
-      return
-    env['LD_PRELOAD'] = lib
-  else:
-    return
-  os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def check_targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """The issue's targets at 1.0-224: cpu_fast training >= 5x xla, cpu_fast inference >= 30 % of the ceiling."""
   find = lambda impl, mode: next((r for r in rows if r['setting'] == 'big' and r['impl'] == impl
@@ -171,7 +154,7 @@ def check_targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  _apply_malloc(FLAGS.malloc)
+  allocator.use('system' if FLAGS.malloc == 'default' else FLAGS.malloc)  # re-executes once if it must
   if FLAGS.quick:
     for name, value in [('settings', ['small']), ('batch', 4), ('min_repeats', 2), ('max_repeats', 2),
                         ('ceiling_sizes', ['1024']), ('ceiling_repeats', 3)]:

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from mutualnet_jax import allocator as malloc  # noqa: E402
 
-TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4'
 SETTINGS = {
     'paper': dict(model=dict(name='mobilenet_v1', num_classes=1000, num_downsample=5), channels=3, batch=32,
                   buckets=((1.0, 224), (0.25, 128), (0.5, 160), (0.75, 192))),
@@ -104,6 +104,7 @@ def run_one(setting: str) -> dict:
               c['flops'] for c in hlo.values()) / step_bytes,
           'compile_cold_s': compile_s['cold']['total'], 'compile_warm_s': compile_s['warm']['total'],
           'compile_per_bucket_cold_s': compile_s['cold']['per_bucket'],
+          'compile_per_bucket_warm_s': compile_s['warm']['per_bucket'],
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -118,12 +119,13 @@ def main(argv):
   rows = []
   for setting in settings:
     for allocator in allocators:
-      env = dict(os.environ)
+      env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # glibc: whatever launched us
       if allocator == 'tcmalloc':
-        if not os.path.exists(TCMALLOC):
-          print(f'skipping tcmalloc: {TCMALLOC} missing (apt-get install libgoogle-perftools4)')
+        lib = malloc.find_tcmalloc()
+        if lib is None:
+          print('skipping tcmalloc: not installed (apt-get install libgoogle-perftools4)')
           continue
-        env['LD_PRELOAD'] = TCMALLOC
+        env = malloc.environment('tcmalloc', env, lib)
       cmd = [sys.executable, os.path.abspath(__file__), f'--worker={setting}', f'--steps={steps}',
              f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
       out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -138,6 +140,11 @@ def main(argv):
       ('compile_warm_s', 'compile warm s', '.1f'), ('peak_rss_gib', 'peak RSS GiB', '.2f')]))
   print('matmul ceiling GFLOP/s:', ', '.join(f"{r['setting']}/{r['allocator']}: {r['ceiling_gflops']:.0f}"
                                             for r in rows))
+  for r in rows:
+    per_bucket = ', '.join(f'{b} {c:.1f}/{r["compile_per_bucket_warm_s"][b]:.1f}'
+                           for b, c in r['compile_per_bucket_cold_s'].items())
+    print(f"{r['setting']}/{r['allocator']}: compile s per bucket cold/warm: {per_bucket}; target >= 40 % of the "
+          f"ceiling: {r['ceiling_frac']:.0%} ({'met' if r['ceiling_frac'] >= 0.4 else 'NOT met'})")
   print('wrote', common.write_result('train_step', {'rows': rows}, FLAGS.out))
 
 

@@ -23,6 +23,7 @@ async def _finalize_or_die(self):
 
 
 atomicity.AtomicRenameTemporaryPath.finalize = _finalize_or_die
+os.environ['MUTUALNET_MALLOC'] = 'system'  # main.py must not re-execute itself: that would drop the patch above
 sys.path.insert(0, ROOT)
 sys.argv = [os.path.join(ROOT, 'main.py'), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name='__main__')

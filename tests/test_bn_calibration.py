@@ -10,7 +10,8 @@ import pytest
 from mutualnet_jax import bn_calibration, parallel, slim
 from mutualnet_jax.models import get_model, init_params
 from mutualnet_jax.preprocess import resize
-from tests.util import tiny_config
+from mutualnet_jax.sweep import CompileCounter
+from tests.util import snapshot_files, tiny_config
 
 A, B = (0.25, 8), (1.0, 16)  # two (width, resolution) buckets of the tiny config
 PROVENANCE = {'params_digest': 'abc', 'num_images': 24, 'batch_size': 8}
@@ -63,25 +64,12 @@ def test_calibrated_statistics_equal_numpy_over_the_same_images(setup, width, re
 def test_each_bucket_compiles_once(setup):
   _, _, params, batches, calibrator = setup
   calibrator.calibrate(params, *A, batches)
-  compiles = []
-  listener = lambda event, duration, **kw: compiles.append(event)  # noqa: E731
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with CompileCounter().counting() as counter:
     calibrator.calibrate(params, *A, batches + batches)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert '/jax/core/compile/backend_compile_duration' not in compiles
-
-
-def _files(path):
-  """Every file under `path` with its bytes and modification time."""
-  out = {}
-  for root, _, names in os.walk(path):
-    for name in names:
-      full = os.path.join(root, name)
-      with open(full, 'rb') as f:
-        out[full] = (f.read(), os.stat(full).st_mtime_ns)
-  return out
+  assert counter.executables == 0
+  with CompileCounter().counting() as control:  # a new bucket is seen by the counter
+    calibrator.calibrate(params, 1.0, 12, batches)
+  assert control.executables >= 1
 
 
 def _assert_equal_trees(a, b):
@@ -96,14 +84,14 @@ def test_store_keeps_configurations_apart_and_reuse_is_idempotent(setup, tmp_pat
       store, calibrator, params, *bucket, lambda: batches, PROVENANCE)
   stats_a, computed = get(A)
   assert computed and store.keys() == ['w0.25_r8']
-  files_a = _files(store.path(*A))
+  files_a = snapshot_files(store.path(*A))
   stats_b, computed = get(B)
   assert computed and store.keys() == ['w0.25_r8', 'w1_r16']
-  assert _files(store.path(*A)) == files_a  # calibrating B touched nothing of A
+  assert snapshot_files(store.path(*A)) == files_a  # calibrating B touched nothing of A
   again, computed = get(A)
   assert not computed
   _assert_equal_trees(again, stats_a)
-  assert _files(store.path(*A)) == files_a  # reuse writes nothing
+  assert snapshot_files(store.path(*A)) == files_a  # reuse writes nothing
   assert jax.tree.map(np.shape, stats_b) != jax.tree.map(np.shape, stats_a)
 
 

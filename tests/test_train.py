@@ -12,6 +12,7 @@ import pytest
 from mutualnet_jax import parallel, train
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.sampling import Subnet
+from mutualnet_jax.sweep import CompileCounter
 from tests.util import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,19 +34,6 @@ def make_batch(mesh, n=8, seed=0):
 @pytest.fixture(scope='module')
 def trainer():
   return make_trainer()
-
-
-class CompileCounter:
-  """Counts XLA backend compilations while active (JAX's own monitoring events)."""
-
-  def __init__(self):
-    self.count = 0
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-  def _listen(self, event, duration, **kwargs):
-    del duration, kwargs
-    if event == '/jax/core/compile/backend_compile_duration':
-      self.count += 1
 
 
 def test_weight_decay_skips_depthwise_bn_and_biases(trainer):
@@ -96,12 +84,15 @@ def test_a_bucket_seen_again_never_recompiles(trainer):
   state = trainer.init_state(1)
   state, _, _ = trainer.step(state, batch, [TEACHER, STUDENT])
   compiled = trainer.steps.num_compiled
-  counter = CompileCounter()
-  for _ in range(3):
-    state, _, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
-  jax.block_until_ready(state)
-  assert counter.count == 0
+  with CompileCounter().counting() as counter:
+    for _ in range(3):
+      state, _, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
+    jax.block_until_ready(state)
+  assert counter.executables == 0
   assert trainer.steps.num_compiled == compiled
+  with CompileCounter().counting() as control:  # the counter does see a new bucket compile
+    trainer.step(state, batch, [TEACHER, Subnet(0.25, 16, 'kd')])
+  assert control.executables >= 1 and trainer.steps.num_compiled == compiled + 1
 
 
 def test_training_reduces_the_loss_on_a_fixed_batch(trainer):
@@ -123,12 +114,12 @@ def test_precompile_covers_every_bucket_in_parallel_threads():
   assert trainer.steps.num_compiled == 5
   state = trainer.init_state(0)
   batch = make_batch(trainer.mesh)
-  counter = CompileCounter()
-  for _ in range(4):
-    state, _, _ = trainer.step(state, batch)
-  jax.block_until_ready(state)
+  with CompileCounter().counting() as counter:
+    for _ in range(4):
+      state, _, _ = trainer.step(state, batch)
+    jax.block_until_ready(state)
   assert trainer.steps.num_compiled == 5
-  assert counter.count <= 1  # the optimizer update only: no sub-network step compiles again
+  assert counter.executables == 1  # the optimizer update only: no sub-network step compiles again
 
 
 @pytest.mark.parametrize('overrides,match', [

@@ -1,4 +1,6 @@
 """Shared test helpers: tiny configs so each compiled step takes seconds on 2 CPU cores."""
+import os
+
 from configs import default
 
 
@@ -13,6 +15,7 @@ def tiny_config(**overrides):
   config.resolutions = (16, 8)
   config.independent_resolution = 16
   config.width_step = 0.75
+  config.sweep_width_step = 0.75
   config.batch_size = 8
   config.learning_rate = 0.05
   config.compilation_cache_dir = ''
@@ -23,3 +26,14 @@ def tiny_config(**overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def snapshot_files(path):
+  """Every file under `path` with its bytes and modification time: for 'nothing was touched' assertions."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, 'rb') as f:
+        out[full] = (f.read(), os.stat(full).st_mtime_ns)
+  return out
