@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Random widths come from this grid, which bounds the compiled buckets: 0.25 gives 13 (about 2 min of cold
   # compilation on 2 cores); the paper's 0.05 gives 61 (imagenet_common.py), ~10 min on a CPU.
   config.width_step = 0.25
+  # Widths the sweep (and calibrate/export) accepts: this grid over width_range, plus the training grid. Every width
+  # in the range is a valid sub-network (US-Net); 0.05 is the paper's evaluation grid (16 widths x 4 resolutions).
+  config.sweep_width_step = 0.05
   config.num_subnets = 4              # sandwich rule: max + min + (num_subnets - 2) random widths
   config.resolutions = (28, 24, 20, 16)  # the first entry is the highest: the max width always uses it
   config.independent_width = 1.0      # method='independent': the one (width, resolution) trained

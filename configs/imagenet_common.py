@@ -16,6 +16,7 @@ def imagenet_config(model: str, method: str = 'mutualnet') -> ml_collections.Con
   config.method = method
   config.width_range = (0.25, 1.0)
   config.width_step = 0.05
+  config.sweep_width_step = 0.05
   config.resolutions = (224, 192, 160, 128)
   config.independent_width = 1.0
   config.independent_resolution = 224

@@ -12,7 +12,8 @@ from etils import epath
 from mutualnet_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
-# Settings that change the parameter tree or what it means; a checkpoint saved under others cannot be resumed.
+# Settings that change the parameter tree or what it means: model fields, and the method and width range the
+# weights were trained for (resuming under others would silently train, then sweep, a different network).
 _FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
 
 
@@ -23,20 +24,26 @@ def absolute(path: str | os.PathLike) -> epath.Path:
 
 
 def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
-  return {**{k: config.model[k] for k in _FINGERPRINT_FIELDS}, 'channels': channels}
+  """What a checkpoint must match to be resumed or measured (JSON types, as it is stored in the metadata)."""
+  return {**{k: config.model[k] for k in _FINGERPRINT_FIELDS}, 'channels': channels, 'method': config.method,
+          'width_range': [float(w) for w in config.width_range]}
 
 
 class Checkpoints:
   """Keeps the last `keep` checkpoints of `workdir`; saves are asynchronous and atomic (a save killed midway leaves
-  only a temporary directory that is never restored)."""
+  only a temporary directory that is never restored).
 
-  def __init__(self, workdir: str, *, keep: int, expected: dict[str, Any]):
+  read_only: for post-training modes, which may run while training still writes to the same workdir: nothing is
+  created, deleted or cleaned up (a training job's in-progress save is a temporary directory it still owns).
+  """
+
+  def __init__(self, workdir: str, *, keep: int, expected: dict[str, Any], read_only: bool = False):
     self.directory = absolute(workdir) / CHECKPOINT_DIR
     self.expected = expected
+    options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
     try:
-      self.manager = ocp.CheckpointManager(
-          self.directory, item_names=('state', 'meta'),
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+      self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
     except (PermissionError, OSError) as e:
       raise UserError(f'cannot write checkpoints under {self.directory} ({e.strerror or e}): '
                       'pass a writable --workdir.') from e
@@ -57,10 +64,12 @@ class Checkpoints:
     except Exception as e:  # orbax raises many types for a damaged directory
       raise UserError(f'checkpoint {where} is unreadable ({type(e).__name__}): move it away to resume from an '
                       'earlier one, or start a fresh --workdir.') from e
-    found = meta.get('fingerprint')
+    found = meta.get('fingerprint') or {}
     if found != self.expected:
-      raise UserError(f'checkpoint {where} is of a different model {found} than the config {self.expected}: '
-                      'use a fresh --workdir or the matching --config.model settings.')
+      diff = ', '.join(f'{k}: checkpoint {found.get(k)!r} vs config {v!r}' for k, v in self.expected.items()
+                       if found.get(k) != v)
+      raise UserError(f'checkpoint {where} is of a different model/method/width setting ({diff}): use a fresh '
+                      '--workdir, or the config it was trained with (its config.json).')
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:
@@ -74,6 +83,14 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def require_checkpoint(workdir: str) -> None:
+  """A UserError unless `workdir` holds at least one checkpoint (what every post-training mode starts from)."""
+  directory = epath.Path(workdir) / CHECKPOINT_DIR
+  if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
+    raise UserError(f'no checkpoint in {directory}: train first (python main.py --mode=train --config=... '
+                    f'--workdir={workdir}) or pass the --workdir of a trained run.')
 
 
 def check_writable(workdir: str) -> None:

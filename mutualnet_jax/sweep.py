@@ -196,8 +196,8 @@ class CompileCounter:
 
 def _selection(config: ml_collections.ConfigDict, widths: Sequence[float] | None,
                resolutions: Sequence[int] | None) -> list[tuple[float, int]]:
-  """Checked (width, resolution) pairs, widths outer; None means the whole trained grid / resolution set."""
-  ws = widths or trained.trained_widths(config)
+  """Checked (width, resolution) pairs, widths outer; None means the whole sweep grid / resolution set."""
+  ws = widths or trained.sweep_widths(config)
   rs = resolutions or trained.trained_resolutions(config)
   return [trained.check_request(config, w, r) for w in ws for r in rs]
 
@@ -299,7 +299,7 @@ def _merge_with_table(workdir: str, rows: list[Row], meta: dict[str, Any]) -> li
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
               resolutions: Sequence[int] | None = None, *, latency_repeats: int = 10) -> dict[str, Any]:
-  """Measures the selected configurations (default: the trained grid), writes the query table (merged with an
+  """Measures the selected configurations (default: the sweep grid), writes the query table (merged with an
   earlier one of the same checkpoint) and its plot; returns a summary, also written to `sweep_summary.json`."""
   from mutualnet_jax import plots  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()

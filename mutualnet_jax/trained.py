@@ -1,7 +1,8 @@
 """A finished (or paused) training run opened for post-training work: calibration, sweep and export.
 
 It restores the parameters of the latest checkpoint in a workdir and knows which (width, resolution) settings that
-run was trained for, so every later mode validates a user's width against the trained grid in one place.
+run was trained for, so every later mode validates a user's width against the trained range and the sweep grid in
+one place.
 """
 from __future__ import annotations
 
@@ -45,11 +46,14 @@ class Replay:
     self._kept = kept
 
 
-def trained_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-  """Widths the run trained: the `width_step` grid of `width_range`, or the one width of an independent network."""
+def sweep_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """Widths a run is measured at: the `sweep_width_step` grid of the trained `width_range` together with the
+  training grid (`width_step`), or the one width of an independent network."""
   if config.method == 'independent':
     return (slim.check_width(config.independent_width, config.model.max_width),)
-  return slim.width_grid(*(float(w) for w in config.width_range), config.width_step)
+  lo, hi = (float(w) for w in config.width_range)
+  return tuple(sorted(set(slim.width_grid(lo, hi, config.sweep_width_step)) |
+                      set(slim.width_grid(lo, hi, config.width_step))))
 
 
 def trained_resolutions(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -61,17 +65,17 @@ def trained_resolutions(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def check_width(config: ml_collections.ConfigDict, width: float) -> float:
   """`width` as its canonical grid value; a UserError for one outside the trained range or off the grid."""
-  grid = trained_widths(config)
+  grid = sweep_widths(config)
   if not isinstance(width, (int, float)) or isinstance(width, bool):
     raise UserError(f'width must be a number, got {width!r}.')
   if not grid[0] - _TOL <= width <= grid[-1] + _TOL:
     raise UserError(f'width {width:g} is outside the trained range [{grid[0]:g}, {grid[-1]:g}]: pick a width in it '
-                    f'(grid step {config.width_step:g}).')
+                    f'(grid step {config.sweep_width_step:g}).')
   nearest = min(grid, key=lambda g: abs(g - width))
   if abs(nearest - width) > _TOL:
     neighbours = ', '.join(f'{g:g}' for g in sorted(grid, key=lambda g: abs(g - width))[:2])
-    raise UserError(f'width {width:g} is not on the trained grid ({grid[0]:g} to {grid[-1]:g} step '
-                    f'{config.width_step:g}): use a grid width such as {neighbours}.')
+    raise UserError(f'width {width:g} is not on the sweep grid ({grid[0]:g} to {grid[-1]:g} step '
+                    f'{config.sweep_width_step:g}, config.sweep_width_step): use a grid width such as {neighbours}.')
   return nearest
 
 
@@ -140,7 +144,7 @@ class TrainedRun:
 
   @property
   def widths(self) -> tuple[float, ...]:
-    return trained_widths(self.config)
+    return sweep_widths(self.config)
 
   @property
   def resolutions(self) -> tuple[int, ...]:
@@ -187,10 +191,7 @@ class TrainedRun:
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
   """Restores the latest checkpoint of `workdir` (a UserError when there is none or it is of another model)."""
-  directory = epath.Path(workdir) / checkpointing.CHECKPOINT_DIR
-  if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
-    raise UserError(f'no checkpoint in {directory}: train first (python main.py --mode=train --config=... '
-                    f'--workdir={workdir}) or pass the --workdir of a trained run.')
+  checkpointing.require_checkpoint(workdir)
   from mutualnet_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
   train.enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
@@ -198,11 +199,12 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
   trainer = train.Trainer(config, mesh, channels=info.channels, image_size=image_size(config), total_steps=1,
                           steps_per_epoch=1)
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                   expected=checkpointing.fingerprint(config, info.channels))
+                                   expected=checkpointing.fingerprint(config, info.channels), read_only=True)
   try:
     step = ckpt.latest_step()
     if step is None:
-      raise UserError(f'no finished checkpoint in {directory}: train first or pass the --workdir of a trained run.')
+      raise UserError(f'no finished checkpoint in {ckpt.directory}: train first or pass the --workdir of a trained '
+                      'run.')
     state, _ = ckpt.restore(step, trainer.abstract_state())
   finally:
     ckpt.close()

@@ -10,7 +10,7 @@ import pytest
 
 from mutualnet_jax import checkpointing, parallel, train, trained
 from mutualnet_jax.errors import UserError
-from tests.util import tiny_config
+from tests.util import snapshot_files, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -131,13 +131,18 @@ def test_unwritable_workdir_is_one_clear_error(fashion_data_dir, tmp_path):
     train.train_and_evaluate(run_config(fashion_data_dir), str(blocker / 'workdir'))
 
 
-def test_checkpoint_of_another_model_is_refused_and_kept(straight, fashion_data_dir):
+@pytest.mark.parametrize('overrides,match', [
+    ({'model.max_width': 2.0, 'width_range': (1.0, 2.0)}, 'max_width: checkpoint 1.0 vs config 2.0'),
+    ({'width_range': (0.5, 1.0)}, r'width_range: checkpoint \[0.25, 1.0\] vs config \[0.5, 1.0\]'),
+    ({'method': 'usnet'}, "method: checkpoint 'mutualnet' vs config 'usnet'"),
+])
+def test_checkpoint_of_another_setting_is_refused_and_nothing_is_touched(straight, fashion_data_dir, overrides,
+                                                                         match):
   workdir, _, _ = straight
-  before = sorted(os.listdir(workdir / 'checkpoints'))
-  with pytest.raises(UserError, match='different model'):
-    train.train_and_evaluate(run_config(fashion_data_dir, **{'model.max_width': 2.0, 'width_range': (1.0, 2.0)}),
-                             str(workdir))
-  assert sorted(os.listdir(workdir / 'checkpoints')) == before
+  before = snapshot_files(workdir)
+  with pytest.raises(UserError, match=match):
+    train.train_and_evaluate(run_config(fashion_data_dir, **overrides), str(workdir))
+  assert snapshot_files(workdir) == before
 
 
 def test_cli_errors_are_one_line(fashion_data_dir, tmp_path):
