@@ -28,6 +28,7 @@ def imagenet_config(model: str, method: str = 'mutualnet') -> ml_collections.Con
   config.batch_size = 1024
   config.num_epochs = 250.0
   config.learning_rate = 0.5
+  config.warmup_epochs = 0.0  # the paper's recipe: cosine from the start
   config.weight_decay = 1e-4
   config.nesterov = True
   config.eval_batch_size = 1000

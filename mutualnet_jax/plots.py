@@ -6,7 +6,7 @@ Fig. 5). `overlay`: the frontiers of several runs (MutualNet, US-Net, US-Net+, i
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -21,19 +21,21 @@ PLOT_NAME = 'accuracy_macs.png'
 OVERLAY_NAME = 'accuracy_macs_overlay.png'
 
 
-def _axes(title: str | None):
-  fig = Figure(figsize=(6.4, 4.8), dpi=120)
+def axes(title: str | None, ylabel: str = 'top-1 accuracy (%)',
+         figsize: tuple[float, float] = (6.4, 4.8)) -> tuple[Figure, Any]:
+  """An Accuracy-MACs figure (no pyplot state: safe in threads and without a display)."""
+  fig = Figure(figsize=figsize, dpi=120)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  ax.set_xlabel('MFLOPs (multiply-adds)')
-  ax.set_ylabel('top-1 accuracy (%)')
+  ax.set_xlabel('MFLOPs (multiply-adds per image)')
+  ax.set_ylabel(ylabel)
   ax.grid(True, alpha=0.3)
   if title:
-    ax.set_title(title)
+    ax.set_title(title, fontsize='medium')
   return fig, ax
 
 
-def _save(fig: Figure, path: str | epath.PathLike) -> epath.Path:
+def save(fig: Figure, path: str | epath.PathLike) -> epath.Path:
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
@@ -48,7 +50,7 @@ def _xy(rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
 def accuracy_macs(rows: Sequence[Row], path: str | epath.PathLike, title: str | None = None) -> epath.Path:
   """Every configuration as a point coloured by resolution (one line per resolution, widths along it) and the
   Pareto frontier in black; returns the PNG's path."""
-  fig, ax = _axes(title)
+  fig, ax = axes(title)
   resolutions = sorted({r.resolution for r in rows}, reverse=True)
   colours = matplotlib.colormaps['viridis'](np.linspace(0.0, 0.9, max(len(resolutions), 1)))
   for colour, res in zip(colours, resolutions):
@@ -57,12 +59,12 @@ def accuracy_macs(rows: Sequence[Row], path: str | epath.PathLike, title: str | 
   x, y = _xy(pareto_frontier(rows))
   ax.plot(x, y, '-', color='black', linewidth=1.6, label='Pareto frontier', zorder=3)
   ax.legend(loc='lower right', fontsize='small')
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def overlay(series: Mapping[str, Sequence[Row]], path: str | epath.PathLike, title: str | None = None) -> epath.Path:
   """One Pareto frontier (line) per label over that label's points (markers); returns the PNG's path."""
-  fig, ax = _axes(title)
+  fig, ax = axes(title)
   for i, (label, rows) in enumerate(series.items()):
     colour = f'C{i}'
     x, y = _xy(rows)
@@ -70,7 +72,7 @@ def overlay(series: Mapping[str, Sequence[Row]], path: str | epath.PathLike, tit
     x, y = _xy(pareto_frontier(rows))
     ax.plot(x, y, '-o', color=colour, markersize=4, linewidth=1.5, label=label)
   ax.legend(loc='lower right', fontsize='small')
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _table(spec: str) -> tuple[list[Row], dict]:
