@@ -328,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       images_seen += config.batch_size
       report(step)
-      if step % config.log_every_steps == 0 or step == total_steps:
+      stop = guard.should_stop(step, ckpt.manager)
+      if step % config.log_every_steps == 0 or step == end or stop:  # a run's last steps are logged too
         scalars = mean_metrics(history)
         elapsed = time.perf_counter() - interval_start
         scalars['learning_rate'] = float(trainer.schedule(step - 1))
@@ -339,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           compiled_before = trainer.steps.num_compiled
         writer.write_scalars(step, scalars)
         history, interval_start = [], time.perf_counter()
-      stop = guard.should_stop(step, ckpt.manager)
       if step % config.checkpoint_every_steps == 0 or step == end or stop:
         ckpt.save(step, state, {'step': step, 'sampler': trainer.sampler.state_dict()})
       if evaluate and (step % eval_every == 0 or step == total_steps):

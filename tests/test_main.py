@@ -104,6 +104,21 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(fashion_data
   assert max(int(e) for e in os.listdir(ckpt_dir) if e.isdigit()) == steps
 
 
+def test_sigterm_saves_stops_and_the_same_command_resumes(fashion_data_dir, tmp_path):
+  steps, term_at = 8, 3
+  cmd = _main(tmp_path, *_tiny_overrides(fashion_data_dir, steps), '--config.checkpoint_every_steps=100')
+  stopped = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'sigterm_at_step.py'), *cmd[2:]], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, 'SIGTERM_AT_STEP': str(term_at)})
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert f'Stopped at step {term_at} after SIGTERM' in stopped.stderr
+  assert sorted(e for e in os.listdir(tmp_path / 'checkpoints') if e.isdigit()) == [str(term_at)]
+  resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resumed from step {term_at}.' in resumed.stderr
+  assert sorted(int(e) for e in os.listdir(tmp_path / 'checkpoints') if e.isdigit()) == [term_at, steps]
+
+
 def test_relative_workdir_trains_checkpoints_and_resumes(fashion_data_dir, tmp_path):
   """`--workdir=runs/x` as the README writes it: orbax only takes absolute paths, so the program resolves it."""
   cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={ROOT}/configs/fashion_mnist.py',
