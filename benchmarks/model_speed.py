@@ -9,7 +9,7 @@ It reports images/s, lowering+compile seconds, the achieved GFLOP/s computed fro
 jitted f32 matmul ceiling measured in the same run, plus the cpu_fast/xla speedup. Results go to a table on stdout and
 JSON (--out, default benchmarks/results/model_speed.json).
 
-  python benchmarks/model_speed.py                # all three settings, batch 32 (~6 min on 2 cores, mostly xla)
+  python benchmarks/model_speed.py                # all three settings, batch 32 (~3 min on 2 cores, mostly xla)
   python benchmarks/model_speed.py --quick        # smoke run, < 1 min
   python benchmarks/model_speed.py --settings=big --impls=cpu_fast --modes=infer
   python benchmarks/model_speed.py --malloc=hugepages   # re-executes itself with glibc's malloc on transparent
@@ -38,6 +38,7 @@ import numpy as np
 
 from benchmarks import common
 from mutualnet_jax import allocator, profile
+from mutualnet_jax.cli import run_cli
 from mutualnet_jax.models import get_model, init_params
 
 FLAGS = flags.FLAGS
@@ -229,4 +230,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(app, main)

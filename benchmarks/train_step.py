@@ -30,6 +30,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from mutualnet_jax import allocator as malloc  # noqa: E402
+from mutualnet_jax.cli import run_cli  # noqa: E402
 
 SETTINGS = {
     'paper': dict(model=dict(name='mobilenet_v1', num_classes=1000, num_downsample=5), channels=3, batch=32,
@@ -119,13 +120,12 @@ def main(argv):
   rows = []
   for setting in settings:
     for allocator in allocators:
-      env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}  # glibc: whatever launched us
-      if allocator == 'tcmalloc':
-        lib = malloc.find_tcmalloc()
-        if lib is None:
-          print('skipping tcmalloc: not installed (apt-get install libgoogle-perftools4)')
-          continue
-        env = malloc.environment('tcmalloc', env, lib)
+      lib = malloc.find_tcmalloc()
+      if allocator == 'tcmalloc' and lib is None:
+        print('skipping tcmalloc: not installed (apt-get install libgoogle-perftools4)')
+        continue
+      choice = 'tcmalloc' if allocator == 'tcmalloc' else 'system'
+      env = malloc.environment(choice, os.environ, lib) or dict(os.environ)
       cmd = [sys.executable, os.path.abspath(__file__), f'--worker={setting}', f'--steps={steps}',
              f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
       out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -149,4 +149,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(app, main)

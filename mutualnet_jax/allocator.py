@@ -8,7 +8,8 @@ choice too (TPU VM images preload it). The allocator is read when the process st
 program once with `LD_PRELOAD` set.
 
 MUTUALNET_MALLOC: 'auto' (default: tcmalloc if installed, else the system allocator), 'tcmalloc' (required),
-'system' (leave the process as it is), 'hugepages' (glibc on transparent huge pages, a benchmark comparison).
+'system' (glibc's malloc: an inherited tcmalloc preload is removed), 'hugepages' (glibc on transparent huge pages,
+a benchmark comparison).
 """
 from __future__ import annotations
 
@@ -37,22 +38,26 @@ def environment(choice: str, environ: Mapping[str, str], tcmalloc: str | None) -
   if choice not in CHOICES:
     raise UserError(f'{ENV}={choice!r} is not one of {CHOICES}.')
   env = dict(environ)
-  if choice == 'system':
-    return None
-  if choice == 'hugepages':
-    if _HUGEPAGES in env.get('GLIBC_TUNABLES', ''):
+  preload = [p for p in env.get('LD_PRELOAD', '').split(':') if p]
+  others = [p for p in preload if 'tcmalloc' not in p]
+  if choice in ('auto', 'tcmalloc'):
+    if others != preload:
+      return None  # already running under tcmalloc (e.g. the re-executed process itself)
+    if tcmalloc is None:
+      if choice == 'tcmalloc':
+        raise UserError(f'{ENV}=tcmalloc but libtcmalloc is not installed: apt-get install libgoogle-perftools4, '
+                        f'or set {ENV}=auto.')
       return None
-    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), _HUGEPAGES]))
+    env['LD_PRELOAD'] = ':'.join([tcmalloc] + preload)
     return env
-  if 'tcmalloc' in env.get('LD_PRELOAD', ''):
-    return None
-  if tcmalloc is None:
-    if choice == 'tcmalloc':
-      raise UserError(f'{ENV}=tcmalloc but libtcmalloc is not installed: apt-get install libgoogle-perftools4, '
-                      f'or set {ENV}=auto.')
-    return None
-  env['LD_PRELOAD'] = ':'.join(filter(None, [tcmalloc, env.get('LD_PRELOAD')]))
-  return env
+  tunables = env.get('GLIBC_TUNABLES', '')
+  if choice == 'hugepages' and _HUGEPAGES not in tunables:
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, _HUGEPAGES]))
+  if others != preload:
+    env['LD_PRELOAD'] = ':'.join(others)
+    if not others:
+      del env['LD_PRELOAD']
+  return None if env == dict(environ) else env
 
 
 def use(choice: str | None = None) -> None:
@@ -63,4 +68,4 @@ def use(choice: str | None = None) -> None:
   if env is not None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    os.execve(sys.executable, sys.orig_argv, env)  # the interpreter's own flags (-X, -W, -u) included

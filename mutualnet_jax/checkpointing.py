@@ -12,8 +12,7 @@ from etils import epath
 from mutualnet_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
-# Settings that change the parameter tree or what it means: model fields, and the method and width range the
-# weights were trained for (resuming under others would silently train, then sweep, a different network).
+# Model settings that change the parameter tree; `fingerprint` adds what the weights were trained for.
 _FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
 
 
@@ -24,9 +23,17 @@ def absolute(path: str | os.PathLike) -> epath.Path:
 
 
 def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
-  """What a checkpoint must match to be resumed or measured (JSON types, as it is stored in the metadata)."""
+  """What a checkpoint must match to be resumed or measured (JSON types, as it is stored in the metadata): the
+  parameter tree, and what the weights were trained for, so resuming or sweeping under other settings cannot
+  silently train or measure a different network (an untrained slice, other widths or resolutions)."""
+  if config.method == 'independent':
+    trained = {'independent_width': float(config.independent_width),
+               'independent_resolution': int(config.independent_resolution)}
+  else:
+    trained = {'width_range': [float(w) for w in config.width_range],
+               'resolutions': sorted({int(r) for r in config.resolutions}, reverse=True)}
   return {**{k: config.model[k] for k in _FINGERPRINT_FIELDS}, 'channels': channels, 'method': config.method,
-          'width_range': [float(w) for w in config.width_range]}
+          **trained}
 
 
 class Checkpoints:
@@ -45,6 +52,9 @@ class Checkpoints:
     try:
       self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
     except (PermissionError, OSError) as e:
+      if read_only:
+        raise UserError(f'cannot read checkpoints under {self.directory} ({e.strerror or e}): pass the --workdir '
+                        'of a trained run that this user can read.') from e
       raise UserError(f'cannot write checkpoints under {self.directory} ({e.strerror or e}): '
                       'pass a writable --workdir.') from e
 
@@ -66,10 +76,13 @@ class Checkpoints:
                       'earlier one, or start a fresh --workdir.') from e
     found = meta.get('fingerprint') or {}
     if found != self.expected:
-      diff = ', '.join(f'{k}: checkpoint {found.get(k)!r} vs config {v!r}' for k, v in self.expected.items()
-                       if found.get(k) != v)
+      keys = sorted(self.expected.keys() | found.keys())
+      diff = ', '.join(f'{k}: checkpoint {found.get(k)!r} vs config {self.expected.get(k)!r}' for k in keys
+                       if found.get(k) != self.expected.get(k))
+      hint = ('the config it was trained with (its config.json)' if 'method' in found else
+              'the mutualnet_jax version that wrote it (its fingerprint predates the method/width fields)')
       raise UserError(f'checkpoint {where} is of a different model/method/width setting ({diff}): use a fresh '
-                      '--workdir, or the config it was trained with (its config.json).')
+                      f'--workdir, or {hint}.')
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:

@@ -48,11 +48,12 @@ class Replay:
 
 def sweep_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:
   """Widths a run is measured at: the `sweep_width_step` grid of the trained `width_range` together with the
-  training grid (`width_step`), or the one width of an independent network."""
+  training grid (`width_step`), or the one width of an independent network. (A config.json saved before
+  `sweep_width_step` existed sweeps its training grid.)"""
   if config.method == 'independent':
     return (slim.check_width(config.independent_width, config.model.max_width),)
   lo, hi = (float(w) for w in config.width_range)
-  return tuple(sorted(set(slim.width_grid(lo, hi, config.sweep_width_step)) |
+  return tuple(sorted(set(slim.width_grid(lo, hi, config.get('sweep_width_step', config.width_step))) |
                       set(slim.width_grid(lo, hi, config.width_step))))
 
 
@@ -69,13 +70,13 @@ def check_width(config: ml_collections.ConfigDict, width: float) -> float:
   if not isinstance(width, (int, float)) or isinstance(width, bool):
     raise UserError(f'width must be a number, got {width!r}.')
   if not grid[0] - _TOL <= width <= grid[-1] + _TOL:
-    raise UserError(f'width {width:g} is outside the trained range [{grid[0]:g}, {grid[-1]:g}]: pick a width in it '
-                    f'(grid step {config.sweep_width_step:g}).')
+    raise UserError(f'width {width:g} is outside the trained range [{grid[0]:g}, {grid[-1]:g}]: pick a width in '
+                    'it.')
   nearest = min(grid, key=lambda g: abs(g - width))
   if abs(nearest - width) > _TOL:
     neighbours = ', '.join(f'{g:g}' for g in sorted(grid, key=lambda g: abs(g - width))[:2])
-    raise UserError(f'width {width:g} is not on the sweep grid ({grid[0]:g} to {grid[-1]:g} step '
-                    f'{config.sweep_width_step:g}, config.sweep_width_step): use a grid width such as {neighbours}.')
+    raise UserError(f'width {width:g} is not on the sweep grid ({", ".join(f"{g:g}" for g in grid)}; set by '
+                    f'config.sweep_width_step and config.width_step): use a grid width such as {neighbours}.')
   return nearest
 
 

@@ -150,6 +150,7 @@ def test_unwritable_workdir_is_one_clear_error(fashion_data_dir, tmp_path):
     ({'model.max_width': 2.0, 'width_range': (1.0, 2.0)}, 'max_width: checkpoint 1.0 vs config 2.0'),
     ({'width_range': (0.5, 1.0)}, r'width_range: checkpoint \[0.25, 1.0\] vs config \[0.5, 1.0\]'),
     ({'method': 'usnet'}, "method: checkpoint 'mutualnet' vs config 'usnet'"),
+    ({'resolutions': (16, 12)}, r'resolutions: checkpoint \[16, 8\] vs config \[16, 12\]'),
 ])
 def test_checkpoint_of_another_setting_is_refused_and_nothing_is_touched(straight, fashion_data_dir, overrides,
                                                                          match):
@@ -158,6 +159,28 @@ def test_checkpoint_of_another_setting_is_refused_and_nothing_is_touched(straigh
   with pytest.raises(UserError, match=match):
     train.train_and_evaluate(run_config(fashion_data_dir, **overrides), str(workdir))
   assert snapshot_files(workdir) == before
+
+
+def test_fingerprint_names_what_the_weights_were_trained_for():
+  def independent(width):
+    return checkpointing.fingerprint(tiny_config(method='independent', independent_width=width), 1)
+
+  assert independent(0.5) != independent(0.75) and 'width_range' not in independent(0.5)
+  assert checkpointing.fingerprint(tiny_config(), 1)['resolutions'] == [16, 8]
+
+
+def test_checkpoint_from_before_the_method_fields_says_so(tmp_path):
+  config = tiny_config()
+  trainer = train.Trainer(config, parallel.make_mesh(), channels=1, image_size=16, total_steps=1, steps_per_epoch=1)
+  new = checkpointing.fingerprint(config, 1)
+  old = {k: v for k, v in new.items() if k not in ('method', 'width_range', 'resolutions')}
+  ckpt = checkpointing.Checkpoints(str(tmp_path), keep=1, expected=old)
+  ckpt.save(1, trainer.init_state(0), {'step': 1})
+  ckpt.close()
+  ckpt = checkpointing.Checkpoints(str(tmp_path), keep=1, expected=new)
+  with pytest.raises(UserError, match="method: checkpoint None vs config 'mutualnet'.*predates"):
+    ckpt.restore(1, trainer.abstract_state())
+  ckpt.close()
 
 
 def test_cli_errors_are_one_line(fashion_data_dir, tmp_path):

@@ -66,9 +66,9 @@ class PlainMobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _plain_conv_bn(x, slim.make_divisible(mobilenet_v2.STEM * self.width), 3, self.strides[0])
-    blocks = [(t, c, r == 0) for t, c, n, _ in mobilenet_v2.STAGES for r in range(n)]
+    blocks = [(t, c) for t, c, n, _ in mobilenet_v2.STAGES for _ in range(n)]
     cin = mobilenet_v2.STEM
-    for (t, c, _), s in zip(blocks, self.strides[1:]):
+    for (t, c), s in zip(blocks, self.strides[1:]):
       shortcut, hidden = x, x.shape[-1] * t
       if t != 1:
         x = _plain_conv_bn(x, hidden)

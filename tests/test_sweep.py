@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -133,6 +134,9 @@ def test_grid_widths_and_resolutions_are_accepted():
     trained.check_request(config, 0.7, 4)
   independent = tiny_config(method='independent', independent_width=0.5)
   assert trained.sweep_widths(independent) == (0.5,) and trained.trained_resolutions(independent) == (16,)
+  saved_before_sweep_width_step = ml_collections.ConfigDict(
+      {k: v for k, v in tiny_config(width_step=0.25).to_dict().items() if k != 'sweep_width_step'})
+  assert trained.sweep_widths(saved_before_sweep_width_step) == (0.25, 0.5, 0.75, 1.0)
 
 
 def test_workdir_without_checkpoint_is_one_clear_error(tmp_path):

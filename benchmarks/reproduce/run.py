@@ -57,9 +57,16 @@ class Timings:
     self.data['runs'].setdefault(run, {}).setdefault(phase, []).append(entry)
     self.save()
 
-  def finished(self, run: str, phase: str) -> dict | None:
-    attempts = self.data['runs'].get(run, {}).get(phase, [])
-    return attempts[-1] if attempts and attempts[-1].get('rc') == 0 else None
+
+def next_time(hh_mm: str) -> datetime.datetime:
+  """The next moment (UTC) the clock shows HH:MM: today if it is still ahead, else tomorrow."""
+  try:
+    hh, mm = (int(x) for x in hh_mm.split(':'))
+    now_utc = datetime.datetime.now(datetime.timezone.utc)
+    at = now_utc.replace(hour=hh, minute=mm, second=0, microsecond=0)
+  except ValueError:
+    raise SystemExit(f'error: --stop_after must be HH:MM (UTC), got {hh_mm!r}.') from None
+  return at if at > now_utc else at + datetime.timedelta(days=1)
 
 
 def latest_checkpoint(workdir: Path) -> int | None:
@@ -154,12 +161,10 @@ def main() -> int:
   if 'MUTUALNET_FASHION_MNIST_DIR' not in env and os.path.isdir(DEFAULT_DATA_DIR):
     env['MUTUALNET_FASHION_MNIST_DIR'] = DEFAULT_DATA_DIR
 
+  deadline = next_time(args.stop_after) if args.stop_after else None
+
   def too_late() -> bool:
-    if not args.stop_after:
-      return False
-    hh, mm = (int(x) for x in args.stop_after.split(':'))
-    t = datetime.datetime.now(datetime.timezone.utc)
-    return (t.hour, t.minute) >= (hh, mm)
+    return deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline
 
   if not args.report_only:
     only = set(filter(None, args.only.split(',')))

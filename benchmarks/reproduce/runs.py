@@ -11,7 +11,8 @@ import dataclasses
 
 CONFIG = 'configs/fashion_mnist.py'
 
-# The same training budget for every method (configs/default.py values, written out so the report can quote them).
+# The same training budget for every method, written out so the report can quote it (configs/default.py values
+# except num_epochs, no in-training evaluation and a shorter checkpoint interval).
 COMMON = {
     'num_epochs': 2,              # 936 steps of 128 images (60k // 128 * 2); the quickstart's 0.5 epoch is too short
     'batch_size': 128,
