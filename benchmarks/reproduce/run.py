@@ -74,11 +74,6 @@ def latest_checkpoint(workdir: Path) -> int | None:
   return max(steps) if steps else None
 
 
-def expected_steps() -> int:
-  c = runs_lib.COMMON
-  return int(round(c['num_epochs'] * (60_000 // c['batch_size'])))
-
-
 def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
   log.parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
@@ -91,8 +86,8 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
 
 def train(run: runs_lib.Run, out: Path, timings: Timings, env: dict) -> bool:
   workdir = out / run.name
-  if latest_checkpoint(workdir) == expected_steps():
-    print(f'[{now()}] {run.name}: trained ({expected_steps()} steps), skipping', flush=True)
+  if latest_checkpoint(workdir) == run.steps:
+    print(f'[{now()}] {run.name}: trained ({run.steps} steps), skipping', flush=True)
     return True
   cmd = [sys.executable, 'main.py', run.config_arg(), f'--workdir={workdir}', *run.overrides()]
   print(f'[{now()}] {run.name}: training (from step {latest_checkpoint(workdir) or 0})', flush=True)
@@ -102,7 +97,7 @@ def train(run: runs_lib.Run, out: Path, timings: Timings, env: dict) -> bool:
                                      'from_step': from_step, 'to_step': latest_checkpoint(workdir),
                                      'command': ' '.join(['python'] + cmd[1:])})
   print(f'[{now()}] {run.name}: training exit {rc} after {seconds:.0f} s', flush=True)
-  return rc == 0 and latest_checkpoint(workdir) == expected_steps()
+  return rc == 0 and latest_checkpoint(workdir) == run.steps
 
 
 def sweep_is_current(run: runs_lib.Run, workdir: Path) -> bool:
@@ -148,7 +143,7 @@ def main() -> int:
   parser.add_argument('--out', default='benchmarks/results/reproduce', help='Where the run workdirs go.')
   parser.add_argument('--docs', default=str(REPO / 'docs'), help='Where RESULTS.md and reproduce/ go.')
   parser.add_argument('--report_only', action='store_true', help='Only regenerate figures, data files, RESULTS.md.')
-  parser.add_argument('--max_priority', type=int, default=3, help='Run only runs with priority <= this.')
+  parser.add_argument('--max_priority', type=int, default=4, help='Run only runs with priority <= this.')
   parser.add_argument('--only', default='', help='Comma-separated run names (default: every run).')
   parser.add_argument('--stop_after', default='',
                       help='HH:MM (UTC): start no new training or sweep after this time; the report is still written.')
