@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mutualnet_jax import datasets
+from mutualnet_jax.preprocess import input_size
 from mutualnet_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -239,8 +240,7 @@ class _Source:
     channels = image_feature.shape[-1]
     mean, std = _MEAN_STD.get(_base_name(self.config.dataset), _IMAGENET_MEAN_STD if channels == 3 else
                               _GRAY_MEAN_STD)
-    size = self.config.image_size if self.config.image_size > 0 else max(self.config.resolutions)
-    return _Preprocessor(augmentation=self.config.augmentation, size=size, channels=channels,
+    return _Preprocessor(augmentation=self.config.augmentation, size=input_size(self.config), channels=channels,
                          source_shape=tuple(image_feature.shape), jpeg=image_feature.encoding_format == 'jpeg',
                          crop_scale=tuple(self.config.crop_scale), pad_crop=self.config.pad_crop, mean=mean, std=std)
 

@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 import jax
+import ml_collections
+
+
+def input_size(config: ml_collections.ConfigDict) -> int:
+  """The square size the host pipeline delivers: the highest resolution unless `config.image_size` asks for more.
+
+  Every sub-network's resolution is reached from it by `resize`, so training, calibration and evaluation must agree.
+  """
+  return config.image_size if config.image_size > 0 else max(config.resolutions)
 
 
 def resize(images: jax.Array, resolution: int, antialias: bool = False) -> jax.Array:

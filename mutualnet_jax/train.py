@@ -28,7 +28,7 @@ from mutualnet_jax import losses, parallel
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.preprocess import input_size, resize
 from mutualnet_jax.sampling import Sampler, Subnet
 
 
@@ -283,12 +283,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   info = input_pipeline.get_dataset_info(config)
-  image_size = config.image_size if config.image_size > 0 else max(config.resolutions)
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise UserError(f'config.batch_size={config.batch_size} exceeds the {info.num_train_examples} training images.')
   total_steps = _num_train_steps(config, steps_per_epoch)
-  trainer = Trainer(config, mesh, channels=info.channels, image_size=image_size, total_steps=total_steps,
+  trainer = Trainer(config, mesh, channels=info.channels, image_size=input_size(config), total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch)
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
                                    expected=checkpointing.fingerprint(config, info.channels))

@@ -19,6 +19,7 @@ from mutualnet_jax import bn_calibration, checkpointing, evaluation, parallel, s
 from mutualnet_jax.bn_calibration import tree_digest
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models.base import SlimmableModel
+from mutualnet_jax.preprocess import input_size
 
 _TOL = 1e-6
 _REPLAY_LIMIT_BYTES = 1 << 30  # passes up to this size are kept in host memory after the first
@@ -92,15 +93,10 @@ def check_resolution(resolution: int, model: SlimmableModel, image_size: int) ->
   return resolution
 
 
-def image_size(config: ml_collections.ConfigDict) -> int:
-  """The input size the pipeline delivers (the highest resolution unless config.image_size says otherwise)."""
-  return config.image_size if config.image_size > 0 else max(config.resolutions)
-
-
 def check_request(config: ml_collections.ConfigDict, width: float, resolution: int) -> tuple[float, int]:
   """Validates a (width, resolution) from the config alone, before any checkpoint is read."""
   from mutualnet_jax.models import get_model  # pylint: disable=g-import-not-at-top
-  return check_width(config, width), check_resolution(resolution, get_model(config.model), image_size(config))
+  return check_width(config, width), check_resolution(resolution, get_model(config.model), input_size(config))
 
 
 CONFIG_FILE = 'config.json'
@@ -197,7 +193,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
   train.enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   info = input_pipeline.get_dataset_info(config)
-  trainer = train.Trainer(config, mesh, channels=info.channels, image_size=image_size(config), total_steps=1,
+  trainer = train.Trainer(config, mesh, channels=info.channels, image_size=input_size(config), total_steps=1,
                           steps_per_epoch=1)
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
                                    expected=checkpointing.fingerprint(config, info.channels), read_only=True)
@@ -210,5 +206,5 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
   finally:
     ckpt.close()
   return TrainedRun(config=config, workdir=workdir, mesh=mesh, model=trainer.model.clone(bn_groups=1),
-                    params=state.params, step=int(step), channels=info.channels, image_size=image_size(config),
+                    params=state.params, step=int(step), channels=info.channels, image_size=input_size(config),
                     params_digest=tree_digest(state.params))
