@@ -117,10 +117,9 @@ def main(argv):
   settings, allocators, steps = FLAGS.settings, FLAGS.allocators, FLAGS.steps
   if FLAGS.quick:
     settings, allocators, steps = ['small'], ['glibc'], 2
-  rows = []
+  rows, lib = [], malloc.find_tcmalloc()
   for setting in settings:
     for allocator in allocators:
-      lib = malloc.find_tcmalloc()
       if allocator == 'tcmalloc' and lib is None:
         print('skipping tcmalloc: not installed (apt-get install libgoogle-perftools4)')
         continue

@@ -17,8 +17,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mutualnet_jax import datasets
-from mutualnet_jax.preprocess import input_size
 from mutualnet_jax.errors import UserError
+from mutualnet_jax.preprocess import input_size
 
 Batch = dict[str, np.ndarray]
 

@@ -98,3 +98,16 @@ def test_data_files_hold_the_tables_numbers(tmp_path):
   top = budgets[round(_macs(1.0, 28) / 1e6, 2)]
   assert float(top['MutualNet mean_top1']) == pytest.approx(0.856)  # the full network, seed mean
   assert top['MutualNet configs'] == '1@28 1@28'
+
+
+@pytest.mark.parametrize('lift, concluded', [(0.02, True), (0.001, False)])
+def test_diagnostic_concludes_only_beyond_the_seed_spread(tmp_path, lift, concluded):
+  """The no-distillation diagnostic is said to beat MutualNet only when every width's gain exceeds MutualNet's seed
+  half-range (0.005 here)."""
+  grid = [(w, r) for w in WIDTHS for r in RESOLUTIONS]
+  sweep.write_table(_rows(lambda w, r: 0.70 + 0.1 * w + 0.002 * r + lift, grid),
+                    str(tmp_path / 'runs' / 'mutualnet_labels_s0'), {})
+  text, _ = _report(tmp_path, independent_full=0.99, usnet_offset=-0.02)
+  line = next(l for l in text.splitlines() if l.startswith('- Diagnostic'))
+  assert 'above MutualNet\'s seed mean at 4/4' in line
+  assert ('costs accuracy rather than adding it' in line) == concluded
