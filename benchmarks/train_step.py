@@ -53,21 +53,22 @@ def run_one(setting: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax import parallel, profile, train  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax.sampling import Subnet  # pylint: disable=g-import-not-at-top
+  from mutualnet_jax import compilation, parallel, profile, train  # pylint: disable=g-import-not-at-top
+  from mutualnet_jax.sampling import StepPlan, Subnet  # pylint: disable=g-import-not-at-top
 
   spec = SETTINGS[setting]
   config = default.get_config()
   config.model.update(spec['model'])
   config.batch_size = spec['batch']
   config.resolutions = tuple(sorted({r for _, r in spec['buckets']}, reverse=True))
-  subnets = [Subnet(w, r, 'ce' if i == 0 else 'kd') for i, (w, r) in enumerate(spec['buckets'])]
+  subnets = [Subnet(f'sub{i}', w, r, 'ce' if i == 0 else 'kd') for i, (w, r) in enumerate(spec['buckets'])]
+  plan = StepPlan(subnets[0], tuple(subnets[1:]))
   size = subnets[0].resolution
   mesh = parallel.make_mesh()
   ceiling = common.ceiling_from_flags()
 
   cache_dir = tempfile.mkdtemp(prefix='xla_cache_')
-  train.enable_compilation_cache(cache_dir)
+  compilation.enable_cache(cache_dir)
   compile_s, hlo = {}, {}
   for label in ('cold', 'warm'):  # a fresh Trainer each time: the second compile can only hit the disk cache
     trainer = train.Trainer(config, mesh, channels=spec['channels'], image_size=size, total_steps=1000,
@@ -75,7 +76,7 @@ def run_one(setting: str) -> dict:
     per_bucket = {}
     for s in subnets:
       t0 = time.perf_counter()
-      hlo[f'{s.width}@{s.resolution}'] = common.cost(trainer.steps.compile(s))
+      hlo[f'{s.width}@{s.resolution}'] = common.cost(trainer.steps.compile(s.bucket))
       per_bucket[f'{s.width}@{s.resolution}'] = time.perf_counter() - t0
     compile_s[label] = {'per_bucket': per_bucket, 'total': sum(per_bucket.values())}
   bandwidth = common.memory_bandwidth()
@@ -88,7 +89,7 @@ def run_one(setting: str) -> dict:
   holder = {'state': state}
 
   def step():
-    holder['state'], _, metrics = trainer.step(holder['state'], batch, subnets)
+    holder['state'], metrics = trainer.step(holder['state'], batch, plan)
     return holder['state'].params, metrics
 
   timing = common.time_call(step, repeats=FLAGS.steps, warmup=1)

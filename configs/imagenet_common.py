@@ -8,12 +8,11 @@ import ml_collections
 from configs import default
 
 
-def imagenet_config(model: str, method: str = 'mutualnet') -> ml_collections.ConfigDict:
-  config = default.get_config()
+def imagenet_config(model: str, method: str | None = None) -> ml_collections.ConfigDict:
+  config = default.get_config(method)
   config.model.name = model
   config.model.num_classes = 1000
   config.model.num_downsample = 5
-  config.method = method
   config.width_range = (0.25, 1.0)
   config.width_step = 0.05
   config.sweep_width_step = 0.05

@@ -7,8 +7,8 @@ import ml_collections
 from configs.imagenet_common import imagenet_config
 
 
-def get_config(method: str = 'mutualnet') -> ml_collections.ConfigDict:
-  config = imagenet_config('mobilenet_v1', method or 'mutualnet')
+def get_config(method: str | None = None) -> ml_collections.ConfigDict:
+  config = imagenet_config('mobilenet_v1', method)
   config.model.max_width = 2.0
   config.width_range = (1.0, 2.0)
   config.resolutions = (320, 288, 256, 224)

@@ -9,5 +9,5 @@ import ml_collections
 from configs.imagenet_common import imagenet_config
 
 
-def get_config(method: str = 'mutualnet') -> ml_collections.ConfigDict:
-  return imagenet_config('mobilenet_v2', method or 'mutualnet')
+def get_config(method: str | None = None) -> ml_collections.ConfigDict:
+  return imagenet_config('mobilenet_v2', method)

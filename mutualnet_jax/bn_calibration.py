@@ -13,7 +13,6 @@ recomputed, and one from another checkpoint or other settings is recomputed.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from typing import Any, Callable, Iterable, Mapping
 
@@ -25,7 +24,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from mutualnet_jax import checkpointing, parallel
+from mutualnet_jax import parallel, workdir as workdir_lib
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
 
@@ -55,9 +54,14 @@ class Calibrator:
     self.mesh = mesh
     self.antialias = antialias
     self._shapes: dict[tuple[float, int], Any] = {}
+    self._steps: dict[tuple[float, int], Callable[..., Any]] = {}  # owned by this calibrator, freed with it
 
-  @functools.lru_cache(maxsize=None)
   def _step(self, width: float, resolution: int) -> Callable[..., Any]:
+    if (width, resolution) not in self._steps:
+      self._steps[width, resolution] = self._make_step(width, resolution)
+    return self._steps[width, resolution]
+
+  def _make_step(self, width: float, resolution: int) -> Callable[..., Any]:
     def step(params, images, acc, count):
       x = resize(images, resolution, self.antialias)
       _, state = self.model.apply({'params': params}, x, width=width, train=True, mutable=['bn_moments'])
@@ -121,7 +125,7 @@ class StatsStore:
   """
 
   def __init__(self, workdir: str):
-    self.directory = checkpointing.absolute(workdir) / STORE_DIR
+    self.directory = workdir_lib.absolute(workdir) / STORE_DIR
     self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
   def path(self, width: float, resolution: int) -> epath.Path:

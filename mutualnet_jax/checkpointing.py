@@ -1,25 +1,17 @@
-"""Orbax checkpoints of a training run: state (params, optimizer, step) plus JSON metadata (sampler RNG, model
-fingerprint), so a restarted job resumes exactly where it stopped and refuses a checkpoint of a different model."""
+"""Orbax checkpoints of a training run: state (params, optimizer, step) plus JSON metadata (model fingerprint), so a
+restarted job resumes exactly where it stopped and refuses a checkpoint of a different model."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 
 from mutualnet_jax.errors import UserError
+from mutualnet_jax.workdir import CHECKPOINT_DIR, absolute
 
-CHECKPOINT_DIR = 'checkpoints'
 # Model settings that change the parameter tree; `fingerprint` adds what the weights were trained for.
 _FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
-
-
-def absolute(path: str | os.PathLike) -> epath.Path:
-  """`path` made absolute (orbax refuses relative paths; `--workdir=runs/x` is the natural way to call main.py).
-  Paths with a scheme (gs://...) are already absolute."""
-  return epath.Path(path if '://' in os.fspath(path) else os.path.abspath(path))
 
 
 def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
@@ -90,29 +82,6 @@ class Checkpoints:
                       'move it away to resume from an earlier one, or start a fresh --workdir.') from e
     return restored['state'], meta
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def require_checkpoint(workdir: str) -> None:
-  """A UserError unless `workdir` holds at least one checkpoint (what every post-training mode starts from)."""
-  directory = epath.Path(workdir) / CHECKPOINT_DIR
-  if not directory.exists() or not any(p.name.isdigit() for p in directory.iterdir()):
-    raise UserError(f'no checkpoint in {directory}: train first (python main.py --mode=train --config=... '
-                    f'--workdir={workdir}) or pass the --workdir of a trained run.')
-
-
-def check_writable(workdir: str) -> None:
-  """Fails before any work is done if the workdir cannot be created or written."""
-  path = epath.Path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_probe_{os.getpid()}'
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
-    raise UserError(f'workdir {workdir} is not writable ({e.strerror or e}): pass a writable --workdir.') from e

@@ -4,12 +4,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Sequence
 
+from absl import flags, logging
+
 from mutualnet_jax.errors import UserError
 
 
 def quiet_library_logs() -> None:
   """Keeps orbax's per-save INFO chatter out of the training log (its warnings and errors still show)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING or '/orbax/' not in record.pathname)
 
@@ -24,7 +25,6 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
   (ml_collections raises AttributeError/KeyError for an unknown `--config.field`, which absl does not catch.)
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -33,6 +33,17 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     detail = str(e).replace('\\n', ' ').replace("\\'", '').replace("'", '').strip('"')
     fail(f'no such config field: {" ".join(detail.split())}')
   return []
+
+
+def loaded_config(config: Any) -> Any:
+  """A `config_flags` value, with its deferred load failure (a missing or broken --config file, which
+  ml_collections raises as OSError on first use) as a one-line UserError."""
+  try:
+    if config is not None:
+      config.get('method')
+  except OSError as e:
+    raise UserError(' '.join(str(e).split())) from None
+  return config
 
 
 def parse_numbers(values: Sequence[str] | None, kind: type, flag: str) -> list[Any] | None:
@@ -57,8 +68,4 @@ def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
       return main(argv)
     except UserError as e:
       fail(str(e))
-    except OSError as e:
-      if 'config' not in str(e):
-        raise
-      fail(' '.join(str(e).split()))  # ml_collections could not load the --config file
   app.run(guarded, flags_parser=parse_flags)

@@ -1,7 +1,6 @@
 """Top-1/top-5 accuracy of one (width, resolution) with its own BN statistics, sharded over all devices."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -21,9 +20,14 @@ class Evaluator:
     self.model = model.clone(bn_groups=1)
     self.mesh = mesh
     self.antialias = antialias
+    self._fns: dict[tuple[float, int], Any] = {}  # owned by this evaluator, freed with it
 
-  @functools.lru_cache(maxsize=None)
   def _counts(self, width: float, resolution: int):
+    if (width, resolution) not in self._fns:
+      self._fns[width, resolution] = self._make_counts(width, resolution)
+    return self._fns[width, resolution]
+
+  def _make_counts(self, width: float, resolution: int):
     def counts(variables, images, labels, mask):
       logits = self.model.apply(variables, resize(images, resolution, self.antialias), width=width, train=False)
       top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

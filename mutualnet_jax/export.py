@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mutualnet_jax import checkpointing, slim
+from mutualnet_jax import slim, workdir as workdir_lib
 from mutualnet_jax.bn_calibration import store_key
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
@@ -139,7 +139,7 @@ def build(model: SlimmableModel, params: Any, stats: Any, width: float, resoluti
 def save(exported: ExportedModel, path: str | epath.PathLike, model_config: Mapping[str, Any],
          source: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes items 'params', 'batch_stats' and 'config' (JSON) atomically; replaces an earlier export."""
-  path = checkpointing.absolute(path)
+  path = workdir_lib.absolute(path)
   config = {'format_version': FORMAT_VERSION, 'model': dict(model_config), 'width': exported.width,
             'resolution': exported.resolution, 'channels': exported.channels, 'antialias': exported.antialias,
             'source': dict(source or {})}
@@ -153,7 +153,7 @@ def save(exported: ExportedModel, path: str | epath.PathLike, model_config: Mapp
 
 def load(path: str | epath.PathLike) -> ExportedModel:
   """An exported sub-network, ready to `predict`; a UserError when `path` holds no readable export."""
-  path = checkpointing.absolute(path)
+  path = workdir_lib.absolute(path)
   try:
     item = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(), batch_stats=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
@@ -170,15 +170,3 @@ def load(path: str | epath.PathLike) -> ExportedModel:
 
 def default_path(workdir: str, width: float, resolution: int) -> epath.Path:
   return epath.Path(workdir) / EXPORT_DIR / store_key(width, resolution)
-
-
-def export_run(config: Any, workdir: str, width: float, resolution: int,
-               out: str | epath.PathLike | None = None) -> epath.Path:
-  """Exports (width, resolution) of the latest checkpoint in `workdir`, calibrating its statistics if needed."""
-  from mutualnet_jax import trained  # pylint: disable=g-import-not-at-top
-  width, resolution = trained.check_request(config, width, resolution)
-  run = trained.open_run(config, workdir)
-  stats, _ = run.stats(width, resolution)
-  exported = build(run.model, run.params, stats, width, resolution, run.channels, config.resize_antialias)
-  source = {'workdir': str(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest}
-  return save(exported, out or default_path(workdir, width, resolution), config.model.to_dict(), source)

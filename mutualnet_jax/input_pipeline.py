@@ -8,7 +8,7 @@ and a restarted job trains on exactly the data it would have trained on without 
 import dataclasses
 import math
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -36,6 +36,7 @@ _GRAY_MEAN_STD = ((0.5,), (0.5,))  # unknown grayscale datasets; unknown colour 
 _EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize the shorter side to S / 0.875, then take the centre S x S
 _CACHE_LIMIT_BYTES = 1 << 30  # decoded splits up to this size are cached in memory after the first epoch
 _TRAIN_STREAM, _CALIBRATION_STREAM = 0, 1  # keep the training and calibration random streams apart
+_REPLAY_LIMIT_BYTES = 1 << 30  # passes up to this size are kept in host memory after the first
 
 
 def _hide_gpu_from_tf() -> None:
@@ -352,6 +353,28 @@ def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int) 
   examples = examples.concatenate(tf.data.Dataset.from_tensors(preprocessor.padding()).repeat())
   examples = examples.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
   return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+class Replay:
+  """Re-iterable batches from an iterator factory; the first full pass is kept in memory when it is small, so a
+  sweep decodes the calibration images and the eval split once instead of once per configuration."""
+
+  def __init__(self, make: Callable[[], Iterable[Mapping[str, Any]]], limit_bytes: int = _REPLAY_LIMIT_BYTES):
+    self._make, self._limit = make, limit_bytes
+    self._kept: list[Mapping[str, Any]] | None = None
+
+  def __iter__(self) -> Iterator[Mapping[str, Any]]:
+    if self._kept is not None:
+      yield from self._kept
+      return
+    kept, size = [], 0
+    for batch in self._make():
+      size += sum(v.nbytes for v in batch.values())
+      kept = kept if kept is not None and size <= self._limit else None
+      if kept is not None:
+        kept.append(batch)
+      yield batch
+    self._kept = kept
 
 
 def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int,

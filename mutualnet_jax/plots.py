@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.sweep import Row, pareto_frontier, read_table
+from mutualnet_jax.query import Row, pareto_frontier, read_table
 
 PLOT_NAME = 'accuracy_macs.png'
 OVERLAY_NAME = 'accuracy_macs_overlay.png'
@@ -86,18 +86,23 @@ def _table(spec: str) -> tuple[list[Row], dict]:
   return rows, meta
 
 
-def from_workdirs(workdirs: Sequence[str], labels: Sequence[str] | None, out: str | epath.PathLike) -> epath.Path:
-  """The Fig. 5 plot of one swept workdir, or the overlay of several (labels default to each run's method).
-
-  An entry 'WORKDIR@RES' keeps only that resolution's rows, so one US-Net sweep over all resolutions gives both
-  the US-Net curve (its training resolution) and US-Net+ (every resolution)."""
+def series(workdirs: Sequence[str], labels: Sequence[str] | None) -> tuple[dict[str, list[Row]], list[dict]]:
+  """{label: rows} from swept workdirs (labels default to each run's method; equal labels pool their rows) and the
+  tables' metadata. An entry 'WORKDIR@RES' keeps only that resolution's rows, so one US-Net sweep over all
+  resolutions gives both the US-Net curve (its training resolution) and US-Net+ (every resolution)."""
   if labels and len(labels) != len(workdirs):
     raise UserError(f'{len(labels)} --labels for {len(workdirs)} --workdirs: give one label per workdir.')
   tables = [_table(w) for w in workdirs]
-  if len(workdirs) == 1 and not labels:
-    rows, meta = tables[0]
-    return accuracy_macs(rows, out, title=f"{meta.get('method', '')} {meta.get('model', '')}".strip())
-  series: dict[str, list[Row]] = {}
+  pooled: dict[str, list[Row]] = {}
   for spec, label, (rows, meta) in zip(workdirs, labels or [None] * len(workdirs), tables):
-    series.setdefault(label or f"{meta.get('method', epath.Path(spec).name)}", []).extend(rows)
-  return overlay(series, out)
+    pooled.setdefault(label or f"{meta.get('method', epath.Path(spec).name)}", []).extend(rows)
+  return pooled, [meta for _, meta in tables]
+
+
+def from_workdirs(workdirs: Sequence[str], labels: Sequence[str] | None, out: str | epath.PathLike) -> epath.Path:
+  """The Fig. 5 plot of one swept workdir, or the overlay of several (see `series`)."""
+  pooled, metas = series(workdirs, labels)
+  if len(workdirs) == 1 and not labels:
+    (rows,) = pooled.values()
+    return accuracy_macs(rows, out, title=f"{metas[0].get('method', '')} {metas[0].get('model', '')}".strip())
+  return overlay(pooled, out)

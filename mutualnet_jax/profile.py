@@ -13,14 +13,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 from mutualnet_jax import slim
+from mutualnet_jax.cli import parse_numbers, run_cli
+from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
 
@@ -108,10 +110,11 @@ def format_table(rows: Sequence[Profile]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax.cli import parse_numbers  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
+  for name in ('channels', 'num_classes'):
+    if f[name].value < 1:
+      raise UserError(f'--{name} must be at least 1, got {f[name].value}.')
   model_config = dict(name=f.model, num_classes=f.num_classes, max_width=f.max_width,
                       num_downsample=f.num_downsample, conv_impl='xla')
   rows = profile_grid(model_config, parse_numbers(f.widths, float, 'widths'),
@@ -123,7 +126,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('model', 'mobilenet_v1', 'Backbone name (mutualnet_jax.models.MODELS).')
   flags.DEFINE_list('widths', ['0.25', '0.5', '0.75', '1.0'], 'Comma-separated widths.')
   flags.DEFINE_list('resolutions', ['224'], 'Comma-separated input resolutions.')
@@ -135,7 +137,5 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax.cli import run_cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   run_cli(app, main)

@@ -1,13 +1,12 @@
 """Which sub-networks a training step trains: the sandwich rule with resolutions (MutualNet) and its baselines.
 
-A host-side NumPy generator draws discrete (width, resolution) settings each step; they are static arguments of the
-compiled step (big_vision's FlexiViT pattern), so every bucket compiles once. Random widths come from a grid, which
-bounds the number of buckets. The generator's state is plain JSON, saved with each checkpoint.
+Each step's choice is a pure function of (config.seed, step), drawn on the host (big_vision's FlexiViT pattern), so
+resuming needs no sampler state and any step's sub-networks can be recomputed. Widths and resolutions are static
+arguments of the compiled step: each bucket compiles once.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -16,14 +15,40 @@ from mutualnet_jax import slim
 from mutualnet_jax.errors import UserError
 
 METHODS = ('mutualnet', 'usnet', 'independent')
+_STREAM = 0x5A4D  # keeps the sampler's random stream apart from anything else seeded by config.seed
 
 
 @dataclasses.dataclass(frozen=True, order=True)
-class Subnet:
-  """One sub-network of a step and its loss: 'ce' (labels) or 'kd' (the step's first sub-network's prediction)."""
+class Bucket:
+  """What a compiled sub-network step is specialised to: width, resolution and loss ('ce' labels, 'kd' teacher)."""
   width: float
   resolution: int
-  loss: str = 'kd'
+  loss: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Subnet:
+  """One sub-network of a step: its metric name ('max', 'min', 'rand1', ...; 'fixed' for one network) and bucket."""
+  name: str
+  width: float
+  resolution: int
+  loss: str
+
+  @property
+  def bucket(self) -> Bucket:
+    return Bucket(self.width, self.resolution, self.loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """The sub-networks of one step. The teacher learns from the labels; every student learns from the teacher's
+  prediction of the same batch ('kd') or, without inplace distillation, from the labels too ('ce')."""
+  teacher: Subnet
+  students: tuple[Subnet, ...] = ()
+
+  @property
+  def subnets(self) -> tuple[Subnet, ...]:
+    return (self.teacher,) + self.students
 
 
 class Sampler:
@@ -50,6 +75,7 @@ class Sampler:
     if max_w > config.model.max_width + 1e-6:
       raise UserError(f'config.width_range max {max_w} exceeds model.max_width {config.model.max_width}: '
                       'raise model.max_width or lower the range.')
+    self.seed = int(config.seed)
     self.widths = slim.width_grid(min_w, max_w, config.width_step)
     self.resolutions = tuple(sorted(set(resolutions), reverse=True))
     self.max_resolution = self.resolutions[0]
@@ -57,39 +83,35 @@ class Sampler:
     if self.method != 'independent' and self.num_subnets < 2:
       raise UserError(f'config.num_subnets must be >= 2 for the sandwich rule (max + min), got {self.num_subnets}.')
     self.student_loss = 'kd' if config.inplace_distillation else 'ce'
+    self.fixed = None
     if self.method == 'independent':
-      self.fixed = Subnet(slim.check_width(config.independent_width, config.model.max_width),
+      self.fixed = Subnet('fixed', slim.check_width(config.independent_width, config.model.max_width),
                           int(config.independent_resolution), 'ce')
-    self.rng = np.random.default_rng(config.seed)
 
-  def sample(self) -> list[Subnet]:
-    """The sub-networks of one step; the first (max width, highest resolution, 'ce') is the teacher."""
-    if self.method == 'independent':
-      return [self.fixed]
+  @property
+  def teacher(self) -> Subnet:
+    return self.fixed or Subnet('max', self.widths[-1], self.max_resolution, 'ce')
+
+  def plan(self, step: int) -> StepPlan:
+    """The sub-networks of training step `step` (a pure function of the seed and the step)."""
+    if self.fixed is not None:
+      return StepPlan(self.fixed)
+    rng = np.random.default_rng((self.seed, _STREAM, int(step)))
     interior = self.widths[1:-1] or self.widths
-    widths = [self.widths[0]] + [float(w) for w in self.rng.choice(interior, self.num_subnets - 2)]
+    widths = [self.widths[0]] + [float(w) for w in rng.choice(interior, self.num_subnets - 2)]
     if self.method == 'mutualnet':
-      resolutions = [int(r) for r in self.rng.choice(self.resolutions, len(widths))]
+      resolutions = [int(r) for r in rng.choice(self.resolutions, len(widths))]
     else:
       resolutions = [self.max_resolution] * len(widths)
-    return [Subnet(self.widths[-1], self.max_resolution, 'ce')] + [
-        Subnet(w, r, self.student_loss) for w, r in zip(widths, resolutions)]
+    names = ['min'] + [f'rand{i}' for i in range(1, len(widths))]
+    return StepPlan(self.teacher, tuple(Subnet(n, w, r, self.student_loss)
+                                        for n, w, r in zip(names, widths, resolutions)))
 
-  def buckets(self) -> list[Subnet]:
-    """Every sub-network `sample` can return: what an ahead-of-time compile must cover."""
-    if self.method == 'independent':
-      return [self.fixed]
+  def buckets(self) -> list[Bucket]:
+    """Every bucket `plan` can return, teacher first: what an ahead-of-time compile must cover."""
+    if self.fixed is not None:
+      return [self.fixed.bucket]
     interior = self.widths[1:-1] or self.widths
     resolutions = self.resolutions if self.method == 'mutualnet' else (self.max_resolution,)
-    students = {Subnet(w, r, self.student_loss) for w in (self.widths[0],) + tuple(interior) for r in resolutions}
-    return [Subnet(self.widths[-1], self.max_resolution, 'ce')] + sorted(students)
-
-  def state_dict(self) -> dict[str, Any]:
-    return self.rng.bit_generator.state
-
-  def load_state_dict(self, state: dict[str, Any]) -> None:
-    self.rng.bit_generator.state = state
-
-
-def describe(subnets: Sequence[Subnet]) -> str:
-  return ' '.join(f'{s.width:g}@{s.resolution}/{s.loss}' for s in subnets)
+    students = {Bucket(w, r, self.student_loss) for w in (self.widths[0],) + tuple(interior) for r in resolutions}
+    return [self.teacher.bucket] + sorted(students)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,7 +18,6 @@ from jax import lax
 
 from mutualnet_jax.errors import UserError
 
-ConvImpl = Literal['xla', 'cpu_fast', 'auto']
 CONV_IMPLS = ('xla', 'cpu_fast', 'auto')
 BN_EPSILON = 1e-5  # PyTorch's default, as in the official code
 _WIDTH_TOL = 1e-6
@@ -68,7 +67,7 @@ def check_width(width: float, max_width: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 # Kernel paths. 'xla' is lax.conv everywhere (the natural choice on TPU/GPU); 'cpu_fast' writes depthwise convolutions
 # as K*K strided shifted multiply-adds and dense convolutions as matmuls (im2col for K > 1), which XLA:CPU runs 5-30x
-# faster than its grouped/1x1 convolutions (see ../shared/FACTS.md). Both compute the same function.
+# faster than its grouped/1x1 convolutions (benchmarks/model_speed.py). Both compute the same function.
 
 def resolve_conv_impl(impl: str) -> str:
   """Maps 'auto' to the kernel path suited to the default backend."""

@@ -3,7 +3,8 @@
 A step trains the sub-networks the sampler draws (max width at the highest resolution with cross-entropy, the others
 with inplace distillation towards its prediction). Each (width, resolution, loss) bucket is its own compiled
 forward+backward (compiled once, cached, optionally ahead of time in parallel threads); the gradients of all
-sub-networks are summed (not averaged, as in the official code) in one jitted optimizer update.
+sub-networks are summed in one jitted optimizer update, as the official code does by calling `backward()` once per
+sub-network before a single `optimizer.step()`.
 """
 from __future__ import annotations
 
@@ -15,55 +16,29 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from mutualnet_jax import losses, parallel
+from mutualnet_jax import (bn_calibration, checkpointing, compilation, evaluation, input_pipeline, losses, parallel,
+                           workdir as workdir_lib)
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.models import get_model, init_params
+from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import input_size, resize
-from mutualnet_jax.sampling import Sampler, Subnet
+from mutualnet_jax.sampling import Bucket, Sampler, StepPlan, Subnet
+from mutualnet_jax.train_state import (TrainState, abstract_state, create_optimizer, init_state,
+                                       learning_rate_schedule)
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def weight_decay_mask(params: Any) -> Any:
-  """True for regular conv and dense kernels; False for depthwise kernels (K, K, C), BN parameters and biases."""
-  def decays(path: tuple[Any, ...], leaf: Any) -> bool:
-    return getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim != 3
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Cosine decay to 0 over the run, per step, after an optional linear warm-up."""
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  if warmup:
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1))
-  return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
-
-
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum; weight decay added to the gradient of decayed parameters only (PyTorch SGD)."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-                     optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
-
-
-def subnet_loss_and_grad(model: SlimmableModel, subnet: Subnet, *, label_smoothing: float = 0.0,
+def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothing: float = 0.0,
                          temperature: float = 1.0, antialias: bool = False) -> Callable[..., Any]:
-  """(params, images, target) -> (metrics, grads, logits) for one sub-network.
+  """(params, images, target) -> (metrics, grads, logits) for one sub-network bucket.
 
   `images` is the global batch at the pipeline's resolution; it is resized on the device. `target` is the labels for
   'ce' sub-networks and the teacher's logits for 'kd' ones (no gradient flows into them).
@@ -96,11 +71,11 @@ class SubnetSteps:
     self.images = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32, sharding=batch)
     self.targets = {'ce': jax.ShapeDtypeStruct(image_shape[:1], jnp.int32, sharding=batch),
                     'kd': jax.ShapeDtypeStruct((image_shape[0], num_classes), jnp.float32, sharding=batch)}
-    self._compiled: dict[Subnet, Any] = {}
+    self._compiled: dict[Bucket, Any] = {}
     self._lock = threading.Lock()
-    self.compile_seconds: dict[Subnet, float] = {}
+    self.compile_seconds: dict[Bucket, float] = {}
 
-  def compile(self, subnet: Subnet) -> Any:
+  def compile(self, subnet: Bucket) -> Any:
     """Lowers and compiles one bucket (a cache hit if already compiled)."""
     if subnet in self._compiled:
       return self._compiled[subnet]
@@ -114,7 +89,7 @@ class SubnetSteps:
         self.compile_seconds[subnet] = time.perf_counter() - start
     return self._compiled[subnet]
 
-  def precompile(self, subnets: Sequence[Subnet], threads: int | None = None) -> float:
+  def precompile(self, subnets: Sequence[Bucket], threads: int | None = None) -> float:
     """Compiles every bucket in parallel threads (XLA compiles outside the GIL); returns the wall time."""
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
@@ -125,7 +100,7 @@ class SubnetSteps:
   def num_compiled(self) -> int:
     return len(self._compiled)
 
-  def __call__(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array):
+  def __call__(self, subnet: Bucket, params: Any, images: jax.Array, target: jax.Array):
     return self.compile(subnet)(params, images, target)
 
 
@@ -157,42 +132,31 @@ class Trainer:
                              (config.batch_size, image_size, image_size, channels), config.model.num_classes)
     self._update = jax.jit(functools.partial(_sum_and_apply, self.tx), donate_argnums=0)
 
-  def _fresh_state(self, rng: jax.Array) -> TrainState:
-    params = init_params(self.model, rng, self.model.min_resolution, self.channels)
-    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
-
   def init_state(self, seed: int) -> TrainState:
-    """Full-width parameters and optimizer state, replicated on every device."""
-    return parallel.replicate(jax.device_get(self._fresh_state(jax.random.key(seed))), self.mesh)
+    return init_state(self.model, self.tx, seed, self.channels, self.mesh)
 
   def abstract_state(self) -> TrainState:
-    """Shapes, dtypes and shardings of the state, for restoring a checkpoint straight onto the devices."""
-    shapes = jax.eval_shape(lambda: self._fresh_state(jax.random.key(0)))
-    return parallel.abstract(shapes, parallel.replicated_sharding(self.mesh))
+    return abstract_state(self.model, self.tx, self.channels, self.mesh)
 
   def step(self, state: TrainState, batch: Mapping[str, jax.Array],
-           subnets: Sequence[Subnet] | None = None) -> tuple[TrainState, list[Subnet], dict[str, jax.Array]]:
-    """One update from a global batch; returns the new state, the sub-networks trained and their metrics."""
-    subnets = self.sampler.sample() if subnets is None else list(subnets)
+           plan: StepPlan | int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update from a global batch: the plan's sub-networks (or those the sampler draws for step `plan`); returns
+    the new state and per-sub-network metrics."""
+    plan = self.sampler.plan(plan) if isinstance(plan, int) else plan
     images, labels = batch['image'], batch['label']
-    metrics, grads, teacher = {}, [], None
-    for i, subnet in enumerate(subnets):
-      target = labels if subnet.loss == 'ce' else teacher
-      m, g, logits = self.steps(subnet, state.params, images, target)
-      if i == 0:
-        teacher = logits
+    metrics, teacher_grads, teacher_logits = self._run(plan.teacher, state.params, images, labels)
+    grads = [teacher_grads]
+    for student in plan.students:
+      target = labels if student.loss == 'ce' else teacher_logits
+      m, g, _ = self._run(student, state.params, images, target)
+      metrics.update(m)
       grads.append(g)
-      name = subnet_name(i, len(subnets))
-      metrics.update({f'{k}/{name}': v for k, v in m.items()})
     state, metrics['grad_norm'] = self._update(state, grads)
-    return state, subnets, metrics
+    return state, metrics
 
-
-def subnet_name(index: int, count: int) -> str:
-  """Metric names by sandwich position: max, min, rand1, rand2, …"""
-  if count == 1:
-    return 'fixed'
-  return ('max', 'min')[index] if index < 2 else f'rand{index - 1}'
+  def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array):
+    m, g, logits = self.steps(subnet.bucket, params, images, target)
+    return {f'{k}/{subnet.name}': v for k, v in m.items()}, g, logits
 
 
 class PreemptionGuard:
@@ -238,36 +202,27 @@ def _num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
   return steps
 
 
-def enable_compilation_cache(directory: str) -> None:
-  """JAX's persistent compilation cache: a bucket compiled by an earlier run (or process) loads in ~0.3 s."""
-  if directory:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-
-
 class InTrainingEval:
   """Max and min width at the highest resolution, each with a quick BN recalibration on training images
   (`config.eval_calibration_images`): batch statistics of the eval batch would leak test statistics, and running
   averages are not kept during training (statistics are per configuration, computed after training)."""
 
   def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer):
-    from mutualnet_jax import bn_calibration, evaluation, input_pipeline  # pylint: disable=g-import-not-at-top
-    self.config, self.pipeline = config, input_pipeline
+    self.config = config
     self.calibrator = bn_calibration.Calibrator(trainer.model, trainer.mesh, config.resize_antialias)
     self.evaluator = evaluation.Evaluator(trainer.model, trainer.mesh, config.resize_antialias)
     sampler = trainer.sampler
-    bucket = sampler.buckets()
-    self.configs = {'max': (bucket[0].width, bucket[0].resolution)}
+    self.configs = {sampler.teacher.name: (sampler.teacher.width, sampler.teacher.resolution)}
     if sampler.method != 'independent':
       self.configs['min'] = (sampler.widths[0], sampler.max_resolution)
 
   def __call__(self, params: Any) -> dict[str, float]:
     out = {}
     for name, (width, resolution) in self.configs.items():
-      batches = self.pipeline.calibration_iterator(self.config, num_images=self.config.eval_calibration_images,
+      batches = input_pipeline.calibration_iterator(self.config, num_images=self.config.eval_calibration_images,
                                                    global_batch_size=self.config.calibration_batch_size)
       stats = self.calibrator.calibrate(params, width, resolution, batches)
-      result = self.evaluator.evaluate(params, stats, width, resolution, self.pipeline.eval_iterator(
+      result = self.evaluator.evaluate(params, stats, width, resolution, input_pipeline.eval_iterator(
           self.config, global_batch_size=self.config.eval_batch_size))
       out[f'eval_top1/{name}'] = result['top1']
       out[f'eval_top5/{name}'] = result['top5']
@@ -276,11 +231,8 @@ class InTrainingEval:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluates periodically, returns a summary."""
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax import checkpointing, input_pipeline, trained  # pylint: disable=g-import-not-at-top
-
-  checkpointing.check_writable(workdir)
-  enable_compilation_cache(config.compilation_cache_dir)
+  workdir_lib.check_writable(workdir)
+  compilation.enable_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   info = input_pipeline.get_dataset_info(config)
   steps_per_epoch = info.num_train_examples // config.batch_size
@@ -294,14 +246,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = ckpt.latest_step() or 0
   if start:
     state, meta = ckpt.restore(start, trainer.abstract_state())
-    trainer.sampler.load_state_dict(meta['sampler'])
+    if 'sampler' in meta:
+      logging.warning('The checkpoint at step %d kept the old stateful sampler; sub-networks are drawn from '
+                      '(seed, step) from now on (the data order is unchanged).', start)
     logging.info('Resumed from step %d.', start)
   else:
     state = trainer.init_state(config.seed)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    trained.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
   buckets = trainer.sampler.buckets()
@@ -322,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     while step < end:
       batch = parallel.global_batch(next(batches), mesh)
-      state, _, metrics = trainer.step(state, batch)
+      state, metrics = trainer.step(state, batch, step)
       history.append(metrics)
       step += 1
       images_seen += config.batch_size
@@ -340,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, scalars)
         history, interval_start = [], time.perf_counter()
       if step % config.checkpoint_every_steps == 0 or step == end or stop:
-        ckpt.save(step, state, {'step': step, 'sampler': trainer.sampler.state_dict()})
+        ckpt.save(step, state, {'step': step})
       if evaluate and (step % eval_every == 0 or step == total_steps):
         summary = evaluate(state.params)
         writer.write_scalars(step, summary)

@@ -15,7 +15,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from mutualnet_jax import parallel, train  # noqa: E402
 from mutualnet_jax.errors import UserError  # noqa: E402
-from mutualnet_jax.sampling import Subnet  # noqa: E402
+from mutualnet_jax.sampling import StepPlan, Subnet  # noqa: E402
 from tests.util import tiny_config  # noqa: E402
 
 flags.DEFINE_enum('mode', 'single', ['devices', 'bad_batch', 'multiprocess', 'single'], 'What to run.')
@@ -23,7 +23,7 @@ flags.DEFINE_string('out', '/tmp', 'Output directory.')
 flags.DEFINE_integer('process_id', 0, 'multiprocess: this process.')
 flags.DEFINE_string('port', '23456', 'multiprocess: coordinator port.')
 FLAGS = flags.FLAGS
-SUBNETS = [Subnet(1.0, 16, 'ce'), Subnet(0.25, 8, 'kd')]
+PLAN = StepPlan(Subnet('max', 1.0, 16, 'ce'), (Subnet('min', 0.25, 8, 'kd'),))
 BATCH = 8
 
 
@@ -38,7 +38,7 @@ def one_step(mesh, rows):
                           steps_per_epoch=10)
   images, labels = global_images()
   batch = parallel.global_batch({'image': images[rows], 'label': labels[rows]}, mesh)
-  state, _, _ = trainer.step(trainer.init_state(0), batch, SUBNETS)
+  state, _ = trainer.step(trainer.init_state(0), batch, PLAN)
   leaves = jax.tree_util.tree_leaves_with_path(state.params)
   return {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in leaves}
 

@@ -43,6 +43,7 @@ def test_required_but_missing_or_unknown_choice_is_a_user_error():
     allocator.environment('jemalloc', {}, LIB)
 
 
+@pytest.mark.slow
 def test_use_re_executes_the_program_with_its_interpreter_flags():
   """hugepages works without tcmalloc installed: the child prints the environment it was restarted with."""
   code = ('import os, sys; from mutualnet_jax import allocator; allocator.use("hugepages"); '
@@ -54,6 +55,7 @@ def test_use_re_executes_the_program_with_its_interpreter_flags():
   assert out.stdout.split() == ['glibc.malloc.hugetlb=1', '1']
 
 
+@pytest.mark.slow
 def test_main_reports_a_bad_choice_in_one_line():
   out = subprocess.run([sys.executable, 'main.py', '--mode=query', '--workdir=/nonexistent'], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env={**os.environ, 'MUTUALNET_MALLOC': 'jemalloc'})

@@ -10,7 +10,7 @@ import pytest
 from mutualnet_jax import bn_calibration, parallel, slim
 from mutualnet_jax.models import get_model, init_params
 from mutualnet_jax.preprocess import resize
-from mutualnet_jax.sweep import CompileCounter
+from mutualnet_jax.compilation import CompileCounter
 from tests.util import snapshot_files, tiny_config
 
 A, B = (0.25, 8), (1.0, 16)  # two (width, resolution) buckets of the tiny config

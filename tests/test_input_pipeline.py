@@ -2,8 +2,8 @@
 
 Most tests run on either a `tfds.testing.mock_data` mock (cifar10, imagenet2012) or a tiny Fashion-MNIST-format
 dataset that the real offline builder prepares from idx files written here, whose images encode their own index.
-The tests marked real prepare the installed Fashion-MNIST; they skip when it is absent unless
-MUTUALNET_REQUIRE_FASHION_MNIST=1.
+The `test_real_*` tests prepare the installed Fashion-MNIST (the `fashion_data_dir` fixture); they skip when it is
+absent unless MUTUALNET_REQUIRE_FASHION_MNIST=1.
 """
 import collections
 import gzip
@@ -263,6 +263,7 @@ def real_dir(fashion_data_dir):
   return fashion_data_dir
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist_counts(real_dir):
   """Split sizes as written by the preparation; the test histogram (1000 per class) read back through TFDS."""
   info = input_pipeline.get_dataset_info(_config(real_dir))
@@ -272,6 +273,7 @@ def test_real_fashion_mnist_counts(real_dir):
   assert collections.Counter(next(iter(tfds.as_numpy(labels.batch(10_000)))).tolist()) == {c: 1000 for c in range(10)}
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist_pipeline(real_dir):
   """The normalisation constants match the real training images, and a full eval pass sees all 10k."""
   batch = next(input_pipeline.train_iterator(_config(real_dir), global_batch_size=128))

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from mutualnet_jax import checkpointing, parallel, train, trained
+from mutualnet_jax import checkpointing, parallel, train, workdir as wd
 from mutualnet_jax.errors import UserError
 from tests.util import snapshot_files, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every test here trains or runs main.py
 STEPS = 6
 
 
@@ -53,7 +54,7 @@ def test_straight_run_trains_evaluates_and_checkpoints(straight):
   assert 0.0 <= summary['eval_top1/max'] <= 1.0 and 'eval_top1/min' in summary
   assert sorted(int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit()) == [2, 4, 6]
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
-  saved = trained.saved_config(str(workdir))  # what calibrate/sweep/export use when --config is omitted
+  saved = wd.saved_config(str(workdir))  # what calibrate/sweep/export use when --config is omitted
   assert saved.to_dict() == config.to_dict() and isinstance(saved.resolutions, tuple)
 
 
@@ -67,11 +68,23 @@ def test_resume_is_bit_identical(straight, fashion_data_dir, tmp_path):
   expected, expected_meta = final_params(workdir, config)
   got, got_meta = final_params(tmp_path, config)
   assert_bit_identical(expected, got)
-  assert got_meta['sampler'] == expected_meta['sampler']
+  assert got_meta['step'] == expected_meta['step'] == STEPS
+
+
+def test_a_checkpoint_with_the_old_sampler_state_still_resumes(fashion_data_dir, tmp_path):
+  """Checkpoints written before the stateless sampler carry a NumPy generator state; they resume (with a warning)."""
+  config = run_config(fashion_data_dir)
+  trainer = train.Trainer(config, parallel.make_mesh(), channels=1, image_size=16, total_steps=STEPS,
+                          steps_per_epoch=STEPS)
+  ckpt = checkpointing.Checkpoints(str(tmp_path), keep=3, expected=checkpointing.fingerprint(config, 1))
+  old_meta = {'step': 4, 'sampler': np.random.default_rng(0).bit_generator.state}
+  ckpt.save(4, trainer.init_state(0), old_meta)
+  ckpt.close()
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == STEPS
 
 
 def _main(workdir, *overrides):
-  return [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/fashion_mnist.py', f'--workdir={workdir}',
+  return [sys.executable, os.path.join(ROOT, 'main.py'), '--config=configs/default.py', f'--workdir={workdir}',
           *overrides]
 
 
@@ -121,7 +134,7 @@ def test_sigterm_saves_stops_and_the_same_command_resumes(fashion_data_dir, tmp_
 
 def test_relative_workdir_trains_checkpoints_and_resumes(fashion_data_dir, tmp_path):
   """`--workdir=runs/x` as the README writes it: orbax only takes absolute paths, so the program resolves it."""
-  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={ROOT}/configs/fashion_mnist.py',
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={ROOT}/configs/default.py',
          '--workdir=runs/x', *_tiny_overrides(fashion_data_dir, 2)]
   first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]

@@ -163,6 +163,7 @@ def test_gradients_outside_the_slice_are_exactly_zero(name):
   assert checked >= 27
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['mobilenet_v1', 'mobilenet_v2'])
 def test_every_grid_width_and_several_resolutions_run_on_both_kernel_paths(name):
   """One jit per (model, path) evaluates all 16 widths of the 0.05 grid, so the test compiles 2 programs."""

@@ -53,6 +53,7 @@ def _cli(*args, env=None):
                         env=env)
 
 
+@pytest.mark.slow
 def test_cli_prints_json_for_a_16_by_4_grid_without_tensorflow():
   widths = slim.width_grid(0.25, 1.0, 0.05)
   out = _cli('--model=mobilenet_v1', f'--widths={",".join(map(str, widths))}', '--resolutions=224,192,160,128',
@@ -68,12 +69,15 @@ def test_cli_prints_json_for_a_16_by_4_grid_without_tensorflow():
   assert table.returncode == 0 and '300.8' in table.stdout and 'mobilenet_v2' in table.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args,match', [
     (['--widths=abc'], '--widths must be a comma-separated list of float'),
     (['--resolutions='], '--resolutions is empty'),
     (['--widths=1.5'], 'outside (0, 1.0]'),
     (['--model=resnet9'], "unknown model 'resnet9'"),
     (['--resolutions=8'], 'too small'),
+    (['--channels=0'], '--channels must be at least 1'),
+    (['--num_classes=0'], '--num_classes must be at least 1'),
 ])
 def test_cli_bad_input_is_one_line(args, match):
   out = _cli(*args)

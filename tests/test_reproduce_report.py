@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mutualnet_jax import sweep
+from mutualnet_jax import query
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,8 +35,8 @@ def _macs(width: float, resolution: int) -> int:
   return int(42e6 * width ** 2 * (resolution / 28) ** 2)
 
 
-def _rows(top1, pairs) -> list[sweep.Row]:
-  return [sweep.Row(w, r, _macs(w, r), 1000, top1(w, r), 0.99, 1.0, 10.0) for w, r in pairs]
+def _rows(top1, pairs) -> list[query.Row]:
+  return [query.Row(w, r, _macs(w, r), 1000, top1(w, r), 0.99, 1.0, 10.0) for w, r in pairs]
 
 
 def _write_runs(out: Path, independent_full: float, usnet_offset: float) -> None:
@@ -45,12 +45,12 @@ def _write_runs(out: Path, independent_full: float, usnet_offset: float) -> None
   grid = [(w, r) for w in WIDTHS for r in RESOLUTIONS]
   base = lambda w, r: 0.70 + 0.1 * w + 0.002 * r  # noqa: E731
   for seed, jitter in ((0, -0.005), (1, 0.005)):
-    sweep.write_table(_rows(lambda w, r: base(w, r) + jitter, grid), str(out / f'mutualnet_s{seed}'), {})
-    sweep.write_table(_rows(lambda w, r: base(w, r) + usnet_offset + jitter if r == 28 else 0.3, grid),
+    query.write_table(_rows(lambda w, r: base(w, r) + jitter, grid), str(out / f'mutualnet_s{seed}'), {})
+    query.write_table(_rows(lambda w, r: base(w, r) + usnet_offset + jitter if r == 28 else 0.3, grid),
                       str(out / f'usnet_s{seed}'), {})
   for w in WIDTHS:
     top1 = independent_full if w == 1.0 else base(w, 28) + 0.05
-    sweep.write_table(_rows(lambda *_: top1, [(w, 28)]), str(out / f'independent_w{w:g}_r28_s0'), {})
+    query.write_table(_rows(lambda *_: top1, [(w, 28)]), str(out / f'independent_w{w:g}_r28_s0'), {})
 
 
 def _report(tmp_path: Path, **kwargs) -> tuple[str, Path]:
@@ -105,7 +105,7 @@ def test_diagnostic_concludes_only_beyond_the_seed_spread(tmp_path, lift, conclu
   """The no-distillation diagnostic is said to beat MutualNet only when every width's gain exceeds MutualNet's seed
   half-range (0.005 here)."""
   grid = [(w, r) for w in WIDTHS for r in RESOLUTIONS]
-  sweep.write_table(_rows(lambda w, r: 0.70 + 0.1 * w + 0.002 * r + lift, grid),
+  query.write_table(_rows(lambda w, r: 0.70 + 0.1 * w + 0.002 * r + lift, grid),
                     str(tmp_path / 'runs' / 'mutualnet_labels_s0'), {})
   text, _ = _report(tmp_path, independent_full=0.99, usnet_offset=-0.02)
   line = next(l for l in text.splitlines() if l.startswith('- Diagnostic'))

@@ -4,7 +4,7 @@ import collections
 import pytest
 
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.sampling import Sampler, Subnet
+from mutualnet_jax.sampling import Bucket, Sampler, StepPlan, Subnet
 
 from tests.util import tiny_config
 
@@ -19,13 +19,14 @@ def _paper_config(method):
 def test_mutualnet_follows_the_sandwich_rule_with_random_resolutions():
   sampler = Sampler(_paper_config('mutualnet'))
   seen_res, seen_widths = collections.Counter(), collections.Counter()
-  for _ in range(STEPS):
-    subnets = sampler.sample()
-    assert len(subnets) == 4
-    assert subnets[0] == Subnet(1.0, 224, 'ce')  # max width, always at the highest resolution, with labels
-    assert subnets[1].width == 0.25  # min width always present
-    assert all(s.loss == 'kd' for s in subnets[1:])
-    for s in subnets[1:]:
+  for step in range(STEPS):
+    plan = sampler.plan(step)
+    assert len(plan.subnets) == 4
+    assert plan.teacher == Subnet('max', 1.0, 224, 'ce')  # max width, always at the highest resolution, with labels
+    assert plan.students[0].width == 0.25 and plan.students[0].name == 'min'  # min width always present
+    assert [s.name for s in plan.students[1:]] == ['rand1', 'rand2']
+    assert all(s.loss == 'kd' for s in plan.students)
+    for s in plan.students:
       assert s.width in sampler.widths and 0.25 <= s.width < 1.0
       seen_res[s.resolution] += 1
       seen_widths[s.width] += 1
@@ -38,8 +39,8 @@ def test_mutualnet_follows_the_sandwich_rule_with_random_resolutions():
 
 def test_usnet_uses_only_the_highest_resolution():
   sampler = Sampler(_paper_config('usnet'))
-  for _ in range(100):
-    subnets = sampler.sample()
+  for step in range(100):
+    subnets = sampler.plan(step).subnets
     assert [s.resolution for s in subnets] == [224] * 4
     assert subnets[0].width == 1.0 and subnets[1].width == 0.25
   assert len(sampler.buckets()) == 1 + 15  # teacher + (min + 14 interior widths) at one resolution
@@ -47,32 +48,31 @@ def test_usnet_uses_only_the_highest_resolution():
 
 def test_independent_trains_one_fixed_network_with_labels():
   sampler = Sampler(_paper_config('independent'))
-  assert sampler.sample() == [Subnet(0.5, 160, 'ce')]
-  assert sampler.buckets() == [Subnet(0.5, 160, 'ce')]
+  assert sampler.plan(0) == sampler.plan(9) == StepPlan(Subnet('fixed', 0.5, 160, 'ce'))
+  assert sampler.buckets() == [Bucket(0.5, 160, 'ce')]
 
 
 def test_bucket_count_is_bounded_by_the_grid_and_covers_every_sample():
   sampler = Sampler(_paper_config('mutualnet'))
   buckets = set(sampler.buckets())
   assert len(buckets) == 1 + 15 * 4  # teacher + (min + 14 interior widths) x 4 resolutions
-  for _ in range(200):
-    assert set(sampler.sample()) <= buckets
+  for step in range(200):
+    assert {s.bucket for s in sampler.plan(step).subnets} <= buckets
 
 
 def test_without_inplace_distillation_students_use_labels():
   sampler = Sampler(tiny_config(inplace_distillation=False))
-  assert all(s.loss == 'ce' for s in sampler.sample())
+  assert all(s.loss == 'ce' for s in sampler.plan(0).subnets)
 
 
-def test_sampler_state_round_trips_so_resumed_runs_draw_the_same_subnets():
-  a = Sampler(_paper_config('mutualnet'))
-  for _ in range(7):
-    a.sample()
-  state = a.state_dict()
-  expected = [a.sample() for _ in range(5)]
-  b = Sampler(_paper_config('mutualnet'))
-  b.load_state_dict(state)
-  assert [b.sample() for _ in range(5)] == expected
+def test_each_steps_choice_is_a_pure_function_of_seed_and_step():
+  """No sampler state: a resumed run (a fresh sampler) draws what an uninterrupted one draws at the same step."""
+  a, b = Sampler(_paper_config('mutualnet')), Sampler(_paper_config('mutualnet'))
+  expected = [a.plan(step) for step in range(20)]
+  assert [b.plan(step) for step in reversed(range(20))][::-1] == expected
+  assert len({p.students for p in expected}) > 10  # steps differ
+  other_seed = Sampler(tiny_config(seed=1, width_step=0.05, resolutions=(224, 192, 160, 128)))
+  assert [other_seed.plan(step) for step in range(20)] != expected
 
 
 @pytest.mark.parametrize('overrides,match', [

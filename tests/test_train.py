@@ -9,14 +9,15 @@ import numpy as np
 import optax
 import pytest
 
-from mutualnet_jax import parallel, train
+from mutualnet_jax import parallel, train, train_state
+from mutualnet_jax.compilation import CompileCounter
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.sampling import Subnet
-from mutualnet_jax.sweep import CompileCounter
+from mutualnet_jax.sampling import StepPlan, Subnet
 from tests.util import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEACHER, STUDENT = Subnet(1.0, 16, 'ce'), Subnet(0.25, 8, 'kd')
+TEACHER, STUDENT = Subnet('max', 1.0, 16, 'ce'), Subnet('min', 0.25, 8, 'kd')
+PLAN = StepPlan(TEACHER, (STUDENT,))
 
 
 def make_trainer(config=None, mesh=None):
@@ -38,14 +39,14 @@ def trainer():
 
 def test_weight_decay_skips_depthwise_bn_and_biases(trainer):
   params = trainer.abstract_state().params
-  mask = train.weight_decay_mask(params)
+  mask = train_state.weight_decay_mask(params)
   assert mask['stem']['conv']['kernel'] and mask['block0_pw']['conv']['kernel'] and mask['classifier']['kernel']
   assert len(jax.tree.leaves(mask)) == 17
   assert not mask['block0_dw']['conv']['kernel']
   assert not mask['stem']['bn']['scale'] and not mask['stem']['bn']['bias'] and not mask['classifier']['bias']
   # With zero gradients, only decayed parameters move: by -lr * wd * w (plain SGD, first step).
   config = tiny_config(momentum=0.0, nesterov=False, weight_decay=0.1)
-  tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+  tx = train_state.create_optimizer(config, optax.constant_schedule(1.0))
   p = jax.tree.map(lambda s: jnp.ones(s.shape), params)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
   np.testing.assert_allclose(updates['block0_pw']['conv']['kernel'], -0.1, rtol=1e-5)
@@ -58,10 +59,9 @@ def test_step_sums_the_subnetwork_gradients_into_one_update(trainer):
   batch = make_batch(mesh)
   state = trainer.init_state(0)
   params = jax.device_get(state.params)
-  m_t, g_t, teacher = trainer.steps(TEACHER, state.params, batch['image'], batch['label'])
-  m_s, g_s, _ = trainer.steps(STUDENT, state.params, batch['image'], teacher)
-  new_state, subnets, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
-  assert subnets == [TEACHER, STUDENT]
+  m_t, g_t, teacher = trainer.steps(TEACHER.bucket, state.params, batch['image'], batch['label'])
+  m_s, g_s, _ = trainer.steps(STUDENT.bucket, state.params, batch['image'], teacher)
+  new_state, metrics = trainer.step(state, batch, PLAN)
 
   @jax.jit
   def reference_update(params, g_t, g_s):
@@ -82,16 +82,16 @@ def test_step_sums_the_subnetwork_gradients_into_one_update(trainer):
 def test_a_bucket_seen_again_never_recompiles(trainer):
   batch = make_batch(trainer.mesh, seed=1)
   state = trainer.init_state(1)
-  state, _, _ = trainer.step(state, batch, [TEACHER, STUDENT])
+  state, _ = trainer.step(state, batch, PLAN)
   compiled = trainer.steps.num_compiled
   with CompileCounter().counting() as counter:
     for _ in range(3):
-      state, _, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
+      state, metrics = trainer.step(state, batch, PLAN)
     jax.block_until_ready(state)
   assert counter.executables == 0
   assert trainer.steps.num_compiled == compiled
   with CompileCounter().counting() as control:  # the counter does see a new bucket compile
-    trainer.step(state, batch, [TEACHER, Subnet(0.25, 16, 'kd')])
+    trainer.step(state, batch, StepPlan(TEACHER, (Subnet('min', 0.25, 16, 'kd'),)))
   assert control.executables >= 1 and trainer.steps.num_compiled == compiled + 1
 
 
@@ -100,7 +100,7 @@ def test_training_reduces_the_loss_on_a_fixed_batch(trainer):
   state = trainer.init_state(2)
   first = None
   for _ in range(6):
-    state, _, metrics = trainer.step(state, batch, [TEACHER, STUDENT])
+    state, metrics = trainer.step(state, batch, PLAN)
     first = first if first is not None else float(metrics['loss/max'])
   assert float(metrics['loss/max']) < first
 
@@ -115,8 +115,8 @@ def test_precompile_covers_every_bucket_in_parallel_threads():
   state = trainer.init_state(0)
   batch = make_batch(trainer.mesh)
   with CompileCounter().counting() as counter:
-    for _ in range(4):
-      state, _, _ = trainer.step(state, batch)
+    for step in range(4):
+      state, _ = trainer.step(state, batch, step)
     jax.block_until_ready(state)
   assert trainer.steps.num_compiled == 5
   assert counter.executables == 1  # the optimizer update only: no sub-network step compiles again
@@ -139,6 +139,7 @@ def _run(args, env_extra, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device_with_synchronised_bn(tmp_path):
   """Same global batch, same sub-networks: params after a step on 8 devices match 1 device."""
   flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
@@ -150,6 +151,7 @@ def test_eight_devices_equal_one_device_with_synchronised_bn(tmp_path):
     np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=5e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_device_count_is_one_clear_error(tmp_path):
   flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   out = _run(['--mode=bad_batch', f'--out={tmp_path}'], {'XLA_FLAGS': flags})
@@ -157,6 +159,7 @@ def test_batch_not_divisible_by_device_count_is_one_clear_error(tmp_path):
   assert 'does not divide over 8 devices' in (tmp_path / 'bad_batch.txt').read_text()
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(tmp_path):
   """A real multi-host job: 2 processes (gloo collectives), each feeding its half of the global batch."""
   port = str(20000 + os.getpid() % 20000)

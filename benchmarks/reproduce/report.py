@@ -33,9 +33,9 @@ for p in (str(HERE), str(REPO)):
 import numpy as np  # noqa: E402
 
 import runs as runs_lib  # noqa: E402
-from mutualnet_jax import plots, profile, sweep  # noqa: E402
+from mutualnet_jax import plots, profile, query  # noqa: E402
 from mutualnet_jax.errors import UserError  # noqa: E402
-from mutualnet_jax.sweep import Row  # noqa: E402
+from mutualnet_jax.query import Row  # noqa: E402
 
 METHODS = ('MutualNet', 'US-Net', 'US-Net+', 'Independent', runs_lib.ABLATION)
 FIXED_BUDGETS = (1.0, 3.0, 6.0, 15.0, 30.0)  # MFLOPs, besides the MACs of each width at 28 px / independent net
@@ -59,7 +59,7 @@ def load(out: Path) -> tuple[dict[str, dict[int, list[Row]]], dict[str, list[str
   status = {'present': [], 'missing': []}
   for run in runs_lib.RUNS:
     try:
-      rows, _ = sweep.read_table(str(out / run.name))
+      rows, _ = query.read_table(str(out / run.name))
     except UserError:
       status['missing'].append(run.name)
       continue
@@ -107,7 +107,7 @@ def at_budget(per_seed: dict[int, list[Row]], mflops: float) -> Pick:
     fits = [r for r in per_seed[seed] if r.macs <= mflops * 1e6 * (1 + 1e-9)]
     if not fits:
       return Pick(None, None, 0, [])
-    best = sweep.query(fits, budget_mflops=mflops * (1 + 1e-9))
+    best = query.query(fits, budget_mflops=mflops * (1 + 1e-9))
     picks.append(best.top1)
     configs.append(f'{best.width:g}@{best.resolution}')
   a = np.array(picks)
@@ -159,7 +159,7 @@ def overlay_figure(tables: dict[str, dict[int, list[Row]]], path: Path) -> Path:
       y = [100 * r.top1 for r in rows]
       ax.plot(x, y, '*', color='black', markersize=10, label='Independent (one net per point; frontier labelled)',
               zorder=5)
-      front = sweep.pareto_frontier(rows)
+      front = query.pareto_frontier(rows)
       ax.plot([r.macs / 1e6 for r in front], [100 * r.top1 for r in front], ':', color='black', linewidth=1)
       for r in front:  # labelling every star makes them unreadable once the grid is complete
         ax.annotate(f'{r.width:g}@{r.resolution}', (r.macs / 1e6, 100 * r.top1), textcoords='offset points',
@@ -172,7 +172,7 @@ def overlay_figure(tables: dict[str, dict[int, list[Row]]], path: Path) -> Path:
     else:
       low = [r for r in every if r.resolution != max(runs_lib.SWEEP_RESOLUTIONS)]
       ax.plot([r.macs / 1e6 for r in low], [100 * r.top1 for r in low], 'o', color=colour, markersize=2.5, alpha=0.3)
-    front = sweep.pareto_frontier(rows)
+    front = query.pareto_frontier(rows)
     # US-Net's frontier is US-Net+'s at 28 px: a wide, faint line keeps it visible under US-Net+'s dashes.
     wide = method == 'US-Net'
     ax.errorbar([r.macs / 1e6 for r in front], [100 * r.top1 for r in front],
@@ -190,11 +190,11 @@ def overlay_figure(tables: dict[str, dict[int, list[Row]]], path: Path) -> Path:
 def write_rows_csv(tables: dict[str, dict[int, list[Row]]], path: Path) -> None:
   with open(path, 'w', newline='') as f:
     w = csv.writer(f)
-    w.writerow(['method', 'seed'] + list(sweep.COLUMNS))
+    w.writerow(['method', 'seed'] + list(query.COLUMNS))
     for method in ('MutualNet', 'US-Net+', 'Independent', runs_lib.ABLATION, *runs_lib.LONGER):
       for seed, rows in sorted(tables.get(method, {}).items()):
         for r in rows:
-          w.writerow([method if method != 'US-Net+' else 'US-Net', seed] + [getattr(r, c) for c in sweep.COLUMNS])
+          w.writerow([method if method != 'US-Net+' else 'US-Net', seed] + [getattr(r, c) for c in query.COLUMNS])
 
 
 def _pct(x: float | None, hr: float | None = None, n: int = 1) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-CONFIG = 'configs/fashion_mnist.py'
+CONFIG = 'configs/default.py'
 
 # The same training budget for every method, written out so the report can quote it (configs/default.py values
 # except num_epochs, no in-training evaluation and a shorter checkpoint interval).

@@ -1,0 +1,111 @@
+"""What each `main.py --mode` does, as functions that return the text to print (so tests reach them without a
+subprocess). main.py only parses flags, picks the allocator and dispatches here.
+
+Modes that need JAX or TensorFlow import them when they run: `--mode=query` and `--mode=plot` read a table and
+must start in well under a second, without loading either (the heavy modules are imported lazily on purpose).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from mutualnet_jax import plots, query as query_lib, workdir as workdir_lib
+from mutualnet_jax.errors import UserError
+
+MODES = ('train', 'calibrate', 'sweep', 'query', 'export', 'plot')
+_NEEDS_CONFIG = ('calibrate', 'sweep', 'export')  # default: the config.json that training saved in the workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The mode-specific command-line settings (see main.py's flags for their meaning)."""
+  width: float | None = None
+  resolution: int | None = None
+  widths: Sequence[float] | None = None
+  resolutions: Sequence[int] | None = None
+  latency_repeats: int = 10
+  budget_mflops: float | None = None
+  budget_ms: float | None = None
+  format: str = 'text'
+  workdirs: Sequence[str] | None = None
+  labels: Sequence[str] | None = None
+  out: str | None = None
+
+
+def _render(options: Options, result: Any, text: str) -> str:
+  return json.dumps(result) if options.format == 'json' else text
+
+
+def _optional(value: Any) -> list[Any] | None:
+  return None if value is None else [value]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
+  del options
+  from mutualnet_jax import train as training  # noqa: PLC0415  heavy: JAX + TensorFlow
+  summary = training.train_and_evaluate(config, workdir)
+  return f"Trained to step {summary['step']} of {summary['total_steps']} in {summary['wall_seconds']:.0f} s."
+
+
+def calibrate(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
+  from mutualnet_jax import sweep  # noqa: PLC0415  heavy: JAX + TensorFlow
+  r = sweep.calibrate(config, workdir, _optional(options.width), _optional(options.resolution))
+  return _render(options, r, f"{r['calibrated']} configurations calibrated, {r['reused']} reused from {r['store']} "
+                             f"in {r['seconds']:.1f} s ({r['compiles']} compilations).")
+
+
+def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
+  from mutualnet_jax import sweep as sweeping  # noqa: PLC0415  heavy: JAX + TensorFlow
+  s = sweeping.run_sweep(config, workdir, options.widths, options.resolutions,
+                         latency_repeats=options.latency_repeats)
+  return _render(options, s, f"{s['configurations']} configurations in {s['wall_seconds']:.0f} s "
+                             f"({s['compiles']} compilations): {', '.join(s.get('table', []))}; plot {s.get('plot')}")
+
+
+def query(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:
+  del config
+  rows, _ = query_lib.read_table(workdir)
+  if options.budget_mflops is None and options.budget_ms is None:
+    frontier = query_lib.pareto_frontier(rows)
+    return _render(options, [query_lib.as_dict(r) for r in frontier],
+                   'Pareto frontier (MACs):\n' + query_lib.format_rows(frontier))
+  best = query_lib.query(rows, options.budget_mflops, options.budget_ms)
+  return _render(options, query_lib.as_dict(best), query_lib.describe(best))
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
+  from mutualnet_jax import export as exporting, trained_run  # noqa: PLC0415  heavy: JAX + TensorFlow
+  if options.width is None or options.resolution is None:
+    raise UserError('--mode=export needs --width and --resolution.')
+  width, resolution = trained_run.check_request(config, options.width, options.resolution)
+  run = trained_run.open_run(config, workdir)
+  stats, _ = run.stats(width, resolution)
+  exported = exporting.build(run.model, run.params, stats, width, resolution, run.channels, config.resize_antialias)
+  source = {'workdir': str(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest}
+  path = options.out or exporting.default_path(workdir, width, resolution)
+  return str(exporting.save(exported, path, config.model.to_dict(), source))
+
+
+def plot(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:
+  del config
+  out = options.out or f'{workdir}/{plots.OVERLAY_NAME if options.workdirs else plots.PLOT_NAME}'
+  return str(plots.from_workdirs(options.workdirs or [workdir], options.labels, out))
+
+
+_FUNCTIONS: dict[str, Callable[[Any, str, Options], str]] = {
+    'train': train, 'calibrate': calibrate, 'sweep': sweep, 'query': query, 'export': export, 'plot': plot}
+
+
+def run(mode: str, config: ml_collections.ConfigDict | None, workdir: str, options: Options = Options()) -> str:
+  """Runs one mode; post-training modes without a config use the config.json that training saved in `workdir`."""
+  if mode not in _FUNCTIONS:
+    raise UserError(f'unknown mode {mode!r}: choose one of {MODES}.')
+  if config is None and mode == 'train':
+    raise UserError('--mode=train needs --config, e.g. --config=configs/default.py.')
+  if config is None and mode in _NEEDS_CONFIG:
+    workdir_lib.require_checkpoint(workdir)  # the first thing missing from an untrained workdir
+    config = workdir_lib.saved_config(workdir)
+  return _FUNCTIONS[mode](config, workdir, options)

@@ -1,0 +1,156 @@
+"""The query table of a swept run, without JAX: rows, the table on disk, Pareto frontiers, budget queries, formatting.
+
+`mutualnet_jax.sweep` measures a trained run and writes `workdir/query_table.{csv,json}`; everything here reads and
+reasons over that table, so answering "the best configuration under 10 MFLOPs" needs no accelerator, no checkpoint
+and no TensorFlow (`--mode=query` and the plots import only this).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+from etils import epath
+
+from mutualnet_jax.errors import UserError
+
+TABLE = 'query_table'
+COSTS = {'macs': 'MACs', 'latency_ms': 'latency'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One configuration: cost (MACs and parameters per image, milliseconds on the sweep's device) and accuracy."""
+  width: float
+  resolution: int
+  macs: int
+  params: int
+  top1: float
+  top5: float
+  latency_ms: float        # batch 1, median
+  latency_batch_ms: float  # one eval batch, median
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(Row))
+
+
+def _row(values: dict[str, Any]) -> Row:
+  types = {f.name: f.type for f in dataclasses.fields(Row)}
+  return Row(**{k: {'float': float, 'int': int}[types[k]](values[k]) for k in COLUMNS})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The table on disk.
+
+def write_table(rows: Sequence[Row], workdir: str, meta: dict[str, Any]) -> tuple[epath.Path, epath.Path]:
+  """`query_table.csv` (one row per configuration) and `.json` (rows plus where they came from), each replaced
+  atomically so a reader never sees half a table."""
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  csv_path, json_path = directory / f'{TABLE}.csv', directory / f'{TABLE}.json'
+  lines = [','.join(COLUMNS)] + [','.join(repr(getattr(r, c)) for c in COLUMNS) for r in rows]
+  _write_atomically(csv_path, '\n'.join(lines) + '\n')
+  _write_atomically(json_path, json.dumps({'meta': meta, 'rows': [dataclasses.asdict(r) for r in rows]}, indent=1))
+  return csv_path, json_path
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  tmp = path.parent / f'.{path.name}.tmp{os.getpid()}'
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def read_table(workdir: str) -> tuple[list[Row], dict[str, Any]]:
+  """Rows and metadata of a workdir's table; a UserError when it was never swept or the file is damaged."""
+  path = epath.Path(workdir) / f'{TABLE}.json'
+  if not path.exists():
+    raise UserError(f'no {path.name} in {workdir}: run --mode=sweep on this workdir first.')
+  try:
+    data = json.loads(path.read_text())
+    rows = [_row(r) for r in data['rows']]
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{path} is damaged ({type(e).__name__}: {e}): run --mode=sweep again.') from e
+  return rows, data.get('meta', {})
+
+
+def read_csv(path: str) -> list[Row]:
+  """Rows of a `query_table.csv` (for tables edited or made by hand); a UserError when missing or malformed."""
+  try:
+    with open(path, newline='') as f:
+      return [_row(r) for r in csv.DictReader(f)]
+  except FileNotFoundError:
+    raise UserError(f'{path} not found: pass the query_table.csv that --mode=sweep wrote.') from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{path} is not a readable query table ({type(e).__name__}: {e}): run --mode=sweep again.'
+                    ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Queries.
+
+def _check_cost(cost: str) -> str:
+  if cost not in COSTS:
+    raise ValueError(f'cost must be one of {sorted(COSTS)}, got {cost!r}.')
+  return cost
+
+
+def pareto_frontier(rows: Sequence[Row], cost: str = 'macs') -> list[Row]:
+  """Rows no other row beats (cost <= and top-1 >=, one of them strictly), cheapest first."""
+  _check_cost(cost)
+  frontier: list[Row] = []
+  for row in sorted(rows, key=lambda r: (getattr(r, cost), -r.top1)):
+    if not frontier or row.top1 > frontier[-1].top1:
+      frontier.append(row)
+  return frontier
+
+
+def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: float | None = None) -> Row:
+  """The most accurate row within the budgets (MACs in millions, batch-1 latency in ms; either or both).
+
+  Ties in top-1 go to the cheaper row (by the budgeted cost, MACs first when both are given), then the higher top-5,
+  then the smaller width. Nothing within budget is a UserError naming the cheapest configuration.
+  """
+  if budget_mflops is None and budget_ms is None:
+    raise UserError('give a budget: --budget_mflops (millions of multiply-adds) and/or --budget_ms (latency).')
+  if not rows:
+    raise UserError('the query table is empty: run --mode=sweep again.')
+  fits = [r for r in rows if (budget_mflops is None or r.macs <= budget_mflops * 1e6)
+          and (budget_ms is None or r.latency_ms <= budget_ms)]
+  if not fits:
+    raise UserError(_nothing_fits(rows, budget_mflops, budget_ms))
+  primary = 'macs' if budget_mflops is not None else 'latency_ms'
+  secondary = 'latency_ms' if primary == 'macs' else 'macs'
+  return min(fits, key=lambda r: (-r.top1, getattr(r, primary), getattr(r, secondary), -r.top5, r.width,
+                                  -r.resolution))
+
+
+def _nothing_fits(rows: Sequence[Row], budget_mflops: float | None, budget_ms: float | None) -> str:
+  asked = ' and '.join(b for b in (budget_mflops is not None and f'{budget_mflops:g} MFLOPs',
+                                   budget_ms is not None and f'{budget_ms:g} ms') if b)
+  cheapest = min(rows, key=lambda r: r.macs)
+  fastest = min(rows, key=lambda r: r.latency_ms)
+  return (f'no configuration fits {asked}: the smallest is width {cheapest.width:g} at {cheapest.resolution} px '
+          f'({cheapest.macs / 1e6:.4g} MFLOPs, {cheapest.latency_ms:.3g} ms), the fastest runs in '
+          f'{fastest.latency_ms:.3g} ms; raise the budget.')
+
+
+def as_dict(row: Row) -> dict[str, Any]:
+  """A row as JSON-ready data (what `--format=json` prints)."""
+  return dataclasses.asdict(row)
+
+
+def describe(row: Row) -> str:
+  """One line for people."""
+  return (f'width {row.width:g} at {row.resolution} px: top-1 {100 * row.top1:.2f}% (top-5 {100 * row.top5:.2f}%), '
+          f'{row.macs / 1e6:.4g} MFLOPs, {row.params / 1e6:.4g} M params, {row.latency_ms:.3g} ms at batch 1')
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+  """A fixed-width text table (the README's format)."""
+  lines = [f"{'width':>6} {'res':>4} {'MFLOPs':>9} {'Mparams':>8} {'top1 %':>7} {'top5 %':>7} {'ms@1':>7} "
+           f"{'ms@batch':>9}"]
+  lines += [f'{r.width:>6g} {r.resolution:>4d} {r.macs / 1e6:>9.2f} {r.params / 1e6:>8.3f} {100 * r.top1:>7.2f} '
+            f'{100 * r.top5:>7.2f} {r.latency_ms:>7.3g} {r.latency_batch_ms:>9.4g}' for r in rows]
+  return '\n'.join(lines)

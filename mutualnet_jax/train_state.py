@@ -1,0 +1,75 @@
+"""What a training run's state is: full-width parameters, the optimizer (SGD Nesterov, cosine, masked weight decay)
+and its state, and how to build it, concretely or abstractly.
+
+Post-training code needs only the *shape* of a run's state to restore a checkpoint, so `abstract_state` lives here
+next to the model and optimizer construction, not inside the trainer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from mutualnet_jax import parallel
+from mutualnet_jax.models import get_model, init_params
+from mutualnet_jax.models.base import SlimmableModel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for regular conv and dense kernels; False for depthwise kernels (K, K, C), BN parameters and biases."""
+  def decays(path: tuple[Any, ...], leaf: Any) -> bool:
+    return getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim != 3
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Cosine decay to 0 over the run, per step, after an optional linear warm-up."""
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  if warmup:
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1))
+  return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
+
+
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum; weight decay added to the gradient of decayed parameters only (PyTorch SGD)."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+                     optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+
+
+def _fresh_state(model: SlimmableModel, tx: optax.GradientTransformation, rng: jax.Array,
+                 channels: int) -> TrainState:
+  params = init_params(model, rng, model.min_resolution, channels)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def init_state(model: SlimmableModel, tx: optax.GradientTransformation, seed: int, channels: int,
+               mesh: Mesh) -> TrainState:
+  """Full-width parameters and optimizer state, replicated on every device."""
+  state = _fresh_state(model, tx, jax.random.key(seed), channels)
+  return parallel.replicate(jax.device_get(state), mesh)
+
+
+def abstract_state(model: SlimmableModel, tx: optax.GradientTransformation, channels: int,
+                   mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the state (no FLOPs spent), for restoring a checkpoint onto the devices."""
+  shapes = jax.eval_shape(lambda: _fresh_state(model, tx, jax.random.key(0), channels))
+  return parallel.abstract(shapes, parallel.replicated_sharding(mesh))
+
+
+def abstract_run_state(config: ml_collections.ConfigDict, channels: int, mesh: Mesh) -> TrainState:
+  """The abstract state of a run trained with `config` (the schedule does not change any shape)."""
+  return abstract_state(get_model(config.model), create_optimizer(config, optax.constant_schedule(0.0)), channels,
+                        mesh)

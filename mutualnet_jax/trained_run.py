@@ -1,0 +1,158 @@
+"""A finished (or paused) training run opened for post-training work: BN calibration, the sweep and export.
+
+`open_run` restores the latest checkpoint of a workdir; `TrainedRun` knows what that run was trained for, so every
+later mode checks a requested (width, resolution) in one place, and it hands out BN statistics per configuration from
+the workdir's store (calibrating the missing ones).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import ml_collections
+from jax.sharding import Mesh
+
+from mutualnet_jax import (bn_calibration, checkpointing, compilation, evaluation, input_pipeline, parallel, slim,
+                           workdir as workdir_lib)
+from mutualnet_jax.bn_calibration import tree_digest
+from mutualnet_jax.errors import UserError
+from mutualnet_jax.models import get_model
+from mutualnet_jax.models.base import SlimmableModel
+from mutualnet_jax.preprocess import input_size
+from mutualnet_jax.train_state import abstract_run_state
+
+_TOL = 1e-6
+
+
+def trained_width_range(config: ml_collections.ConfigDict) -> tuple[float, float]:
+  """(min, max) width the run's weights were trained for (an independent network: its one width, twice)."""
+  if config.method == 'independent':
+    w = slim.check_width(config.independent_width, config.model.max_width)
+    return w, w
+  lo, hi = (float(w) for w in config.width_range)
+  return lo, hi
+
+
+def trained_resolutions(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The resolution set, highest first (an independent network: its one resolution)."""
+  if config.method == 'independent':
+    return (int(config.independent_resolution),)
+  return tuple(sorted({int(r) for r in config.resolutions}, reverse=True))
+
+
+def check_trained_width(config: ml_collections.ConfigDict, width: float) -> float:
+  """`width` as a canonical float; a UserError for one outside the range the run was trained for (every width in
+  it is a trained sub-network: US-Net's promise)."""
+  if not isinstance(width, (int, float)) or isinstance(width, bool):
+    raise UserError(f'width must be a number, got {width!r}.')
+  lo, hi = trained_width_range(config)
+  if not lo - _TOL <= width <= hi + _TOL:
+    what = f'width {lo:g}' if lo == hi else f'range [{lo:g}, {hi:g}]'
+    raise UserError(f'width {width:g} is outside the trained {what}: pick a width in it.')
+  return slim.check_width(min(max(width, lo), hi), config.model.max_width)
+
+
+def check_resolution(resolution: int, model: SlimmableModel, image_size: int) -> int:
+  """A resolution the model accepts and the input pipeline can deliver without upsampling."""
+  if isinstance(resolution, bool) or int(resolution) != resolution:
+    raise UserError(f'resolution must be an integer number of pixels, got {resolution!r}.')
+  resolution = int(resolution)
+  if not model.min_resolution <= resolution <= image_size:
+    raise UserError(f'resolution {resolution} is outside [{model.min_resolution}, {image_size}]: the model needs at '
+                    f'least {model.min_resolution} px and the pipeline delivers {image_size} px '
+                    '(raise config.image_size for larger inputs).')
+  return resolution
+
+
+def check_request(config: ml_collections.ConfigDict, width: float, resolution: int) -> tuple[float, int]:
+  """Validates a (width, resolution) from the config alone, before any checkpoint is read."""
+  return (check_trained_width(config, width),
+          check_resolution(resolution, get_model(config.model), input_size(config)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """The latest checkpoint of a workdir plus what post-training modes need to know about its run."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  model: SlimmableModel  # global BN statistics (bn_groups=1): what calibration and inference use
+  params: Any            # full-width parameters, replicated over the mesh
+  step: int
+  channels: int
+  image_size: int
+  params_digest: str     # checksum of `params`: stored statistics name the exact weights they belong to
+
+  def check(self, width: float, resolution: int) -> tuple[float, int]:
+    return check_trained_width(self.config, width), check_resolution(resolution, self.model, self.image_size)
+
+  @property
+  def provenance(self) -> dict[str, Any]:
+    """What calibrated statistics depend on; statistics stored under a different provenance are stale."""
+    c = self.config
+    return {'params_digest': self.params_digest, 'checkpoint_step': self.step, 'dataset': c.dataset,
+            'train_split': c.train_split, 'seed': c.seed, 'num_images': c.calibration_images,
+            'batch_size': c.calibration_batch_size, 'image_size': self.image_size,
+            'antialias': bool(c.resize_antialias)}
+
+  @functools.cached_property
+  def store(self) -> bn_calibration.StatsStore:
+    return bn_calibration.StatsStore(self.workdir)
+
+  @functools.cached_property
+  def calibrator(self) -> bn_calibration.Calibrator:
+    return bn_calibration.Calibrator(self.model, self.mesh, self.config.resize_antialias)
+
+  @functools.cached_property
+  def evaluator(self) -> evaluation.Evaluator:
+    return evaluation.Evaluator(self.model, self.mesh, self.config.resize_antialias)
+
+  @functools.cached_property
+  def calibration_batches(self) -> input_pipeline.Replay:
+    return input_pipeline.Replay(lambda: input_pipeline.calibration_iterator(
+        self.config, num_images=self.config.calibration_images,
+        global_batch_size=self.config.calibration_batch_size))
+
+  def stats(self, width: float, resolution: int) -> tuple[Any, bool]:
+    """BN statistics of (width, resolution) from the store, calibrated and stored first when missing, stale or
+    corrupt; the flag says whether they were computed now."""
+    width, resolution = self.check(width, resolution)
+    return bn_calibration.get_or_calibrate(self.store, self.calibrator, self.params, width, resolution,
+                                           lambda: self.calibration_batches, self.provenance)
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
+  """Restores the latest checkpoint of `workdir` (a UserError when there is none or it is of another model)."""
+  workdir_lib.require_checkpoint(workdir)
+  compilation.enable_cache(config.compilation_cache_dir)
+  mesh = parallel.make_mesh()
+  info = input_pipeline.get_dataset_info(config)
+  ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
+                                   expected=checkpointing.fingerprint(config, info.channels), read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise UserError(f'no finished checkpoint in {ckpt.directory}: train first or pass the --workdir of a trained '
+                      'run.')
+    state, _ = ckpt.restore(step, abstract_run_state(config, info.channels, mesh))
+  finally:
+    ckpt.close()
+  return TrainedRun(config=config, workdir=workdir, mesh=mesh, model=get_model(config.model), params=state.params,
+                    step=int(step), channels=info.channels, image_size=input_size(config),
+                    params_digest=tree_digest(state.params))
+
+
+def sweep_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """The widths a run is measured at by default: the `sweep_width_step` grid over the trained range (an
+  independent network: its one width). A config.json saved before `sweep_width_step` existed uses `width_step`."""
+  lo, hi = trained_width_range(config)
+  return slim.width_grid(lo, hi, config.get('sweep_width_step', config.width_step))
+
+
+def selection(config: ml_collections.ConfigDict, widths: Sequence[float] | None = None,
+              resolutions: Sequence[int] | None = None) -> list[tuple[float, int]]:
+  """Checked (width, resolution) pairs, widths outer; None means the sweep grid / the trained resolutions."""
+  ws = widths or sweep_widths(config)
+  rs = resolutions or trained_resolutions(config)
+  return [check_request(config, w, r) for w in ws for r in rs]
