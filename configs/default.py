@@ -26,9 +26,13 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   # Method: which sub-networks a step trains (mutualnet_jax.sampling).
   config.method = method or 'mutualnet'  # 'mutualnet' | 'usnet' | 'independent' (the config argument)
   config.width_range = (0.25, 1.0)    # (min, max) trained width; max at most model.max_width
-  # Random widths come from this grid, which bounds the compiled buckets: 0.25 gives 13 (about 2 min of cold
-  # compilation on 2 cores); the paper's 0.05 gives 61 (imagenet_common.py), ~10 min on a CPU.
+  # Random widths: 'uniform' in width_range, continuous, as the official code; 'grid' draws from the width_step grid.
+  config.width_sampling = 'uniform'
   config.width_step = 0.25
+  # Compiled programs: a width runs in the program of the smallest capacity that holds it, its real channel counts
+  # passed at run time (max and min widths: their own exact programs). Fewer capacities compile less, finer ones pad
+  # less; () runs every width exact (one program per width). benchmarks/capacity.py measures the trade.
+  config.capacities = (0.5, 0.75, 1.0)
   # Widths the sweep (and calibrate/export) accepts: this grid over width_range, plus the training grid. Every width
   # in the range is a valid sub-network (US-Net); 0.05 is the paper's evaluation grid (16 widths x 4 resolutions).
   config.sweep_width_step = 0.05

@@ -14,6 +14,7 @@ def imagenet_config(model: str, method: str | None = None) -> ml_collections.Con
   config.model.num_classes = 1000
   config.model.num_downsample = 5
   config.width_range = (0.25, 1.0)
+  config.capacities = (0.4, 0.55, 0.7, 0.85, 1.0)  # 1 + 4 + 5 x 4 = 25 training programs
   config.width_step = 0.05
   config.sweep_width_step = 0.05
   config.resolutions = (224, 192, 160, 128)

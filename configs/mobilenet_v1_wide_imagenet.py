@@ -11,6 +11,7 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config = imagenet_config('mobilenet_v1', method)
   config.model.max_width = 2.0
   config.width_range = (1.0, 2.0)
+  config.capacities = (1.2, 1.4, 1.6, 1.8, 2.0)
   config.resolutions = (320, 288, 256, 224)
   config.independent_width = 2.0
   config.independent_resolution = 320

@@ -1,8 +1,13 @@
 """Slimmable building blocks: channel rounding, width grids, two convolution kernel paths and Flax layers.
 
 Every layer creates its parameters once, at the model's maximum width, and a call slices the leading channels it
-needs. The number of channels a call uses is a static Python int, so each (width, resolution) traces to its own
-fixed-shape XLA program and nothing is masked at run time.
+needs. The number of channels a call slices is a static Python int. Two ways to run a width w:
+- exact: slice make_divisible(C * w) channels; each width is its own fixed-shape XLA program (export, latency, and
+  the sandwich's max and min widths);
+- capacity: slice the channels of a larger *capacity* width and zero, after each unit's activation, the channels
+  beyond the real width's count, which arrives at run time (`active`, an int32 scalar per layer). Zeroed channels
+  contribute nothing downstream and receive zero gradient, so the result equals the exact sub-network, and every width
+  up to the capacity runs in one compiled program.
 """
 from __future__ import annotations
 
@@ -52,6 +57,13 @@ def width_grid(min_width: float, max_width: float, step: float) -> tuple[float, 
   if abs(grid[-1] - max_width) > _WIDTH_TOL:
     grid.append(round(max_width, 6))
   return tuple(grid)
+
+
+def capacity_for(width: float, capacities: Sequence[float]) -> float | None:
+  """The smallest capacity that holds `width` (its compiled program runs it on the capacity path); None when no
+  capacity is large enough, or none is configured: run the exact sub-network."""
+  fits = [c for c in capacities if c >= width - _WIDTH_TOL]
+  return round(float(min(fits)), 6) if fits else None
 
 
 def check_width(width: float, max_width: float) -> float:
@@ -331,8 +343,8 @@ class SlimBatchNorm(nn.Module):
 
 
 def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Mean and biased variance in float32 from one pass over `x` (E[x^2] - E[x]^2, clamped at 0)."""
-  x = x.astype(jnp.float32)
+  """Mean and biased variance from one pass over `x` (E[x^2] - E[x]^2, clamped at 0), in at least float32."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = x.mean(axes)
   return mean, jnp.maximum((x * x).mean(axes) - mean * mean, 0.0)
 
@@ -349,8 +361,20 @@ class GlobalAvgPool(nn.Module):
     return h * w * c, 0
 
 
+def keep_active(x: jax.Array, active: jax.Array | None) -> jax.Array:
+  """Zeroes the channels of `x` at and beyond `active` (a run-time count); None keeps every channel."""
+  if active is None:
+    return x
+  mask = lax.broadcasted_iota(jnp.int32, (x.shape[-1],), 0) < active
+  return x * mask.astype(x.dtype)
+
+
 class ConvBN(nn.Module):
-  """Convolution -> batch norm -> optional ReLU6: the unit both MobileNets are made of."""
+  """Convolution -> batch norm -> optional ReLU6 -> zeroing of inactive channels: the unit of every backbone.
+
+  `active` (run time) is how many of the output channels the real width uses; the rest are zeroed so they neither
+  feed later layers nor receive gradient (the capacity path). None: every sliced channel is used (the exact path).
+  """
   features: int
   in_features: int | None = None
   kernel_size: int = 1
@@ -362,8 +386,8 @@ class ConvBN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, features: int | None, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, features: int | None, train: bool, active: jax.Array | None = None) -> jax.Array:
     x = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
                  self.dtype, name='conv')(x, features)
     x = SlimBatchNorm(self.features, self.bn_groups, self.dtype, name='bn')(x, train)
-    return jnp.clip(x, 0, 6) if self.relu else x
+    return keep_active(jnp.clip(x, 0, 6) if self.relu else x, active)

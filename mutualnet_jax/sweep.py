@@ -95,7 +95,7 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]],
       with timer.phase('calibrate'):
         stats, new = run.stats(w, r)
       with timer.phase('evaluate'):
-        acc = run.evaluator.evaluate(run.params, stats, w, r, eval_batches)
+        acc = run.evaluate(stats, w, r, eval_batches)
       with timer.phase('latency'):
         ms, ms_batch = _latencies(run, stats, w, r, latency_repeats)
       calibrated += new

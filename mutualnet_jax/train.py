@@ -38,16 +38,17 @@ from mutualnet_jax.train_state import (TrainState, abstract_state, create_optimi
 
 def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothing: float = 0.0,
                          temperature: float = 1.0, antialias: bool = False) -> Callable[..., Any]:
-  """(params, images, target) -> (metrics, grads, logits) for one sub-network bucket.
+  """(params, images, target, active) -> (metrics, grads, logits) for one sub-network bucket.
 
   `images` is the global batch at the pipeline's resolution; it is resized on the device. `target` is the labels for
-  'ce' sub-networks and the teacher's logits for 'kd' ones (no gradient flows into them).
+  'ce' sub-networks and the teacher's logits for 'kd' ones (no gradient flows into them). `active`: the real width's
+  channel counts for a masked bucket (`model.channel_counts`), None for an exact one.
   """
-  def fn(params: Any, images: jax.Array, target: jax.Array):
+  def fn(params: Any, images: jax.Array, target: jax.Array, active: jax.Array | None):
     x = resize(images, subnet.resolution, antialias)
 
     def loss_fn(p):
-      logits = model.apply({'params': p}, x, width=subnet.width, train=True)
+      logits = model.apply({'params': p}, x, width=subnet.width, train=True, active=active)
       if subnet.loss == 'ce':
         return losses.cross_entropy(logits, target, label_smoothing), logits
       return losses.distillation(logits, target, temperature), logits
@@ -71,6 +72,8 @@ class SubnetSteps:
     self.images = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32, sharding=batch)
     self.targets = {'ce': jax.ShapeDtypeStruct(image_shape[:1], jnp.int32, sharding=batch),
                     'kd': jax.ShapeDtypeStruct((image_shape[0], num_classes), jnp.float32, sharding=batch)}
+    self.active = jax.ShapeDtypeStruct((len(model.channel_bases()),), jnp.int32,
+                                       sharding=parallel.replicated_sharding(mesh))
     self._compiled: dict[Bucket, Any] = {}
     self._lock = threading.Lock()
     self.compile_seconds: dict[Bucket, float] = {}
@@ -82,7 +85,8 @@ class SubnetSteps:
     start = time.perf_counter()
     fn = subnet_loss_and_grad(self.model, subnet, label_smoothing=self.config.label_smoothing,
                               temperature=self.config.kd_temperature, antialias=self.config.resize_antialias)
-    compiled = jax.jit(fn).lower(self.abstract_params, self.images, self.targets[subnet.loss]).compile()
+    active = self.active if subnet.masked else None
+    compiled = jax.jit(fn).lower(self.abstract_params, self.images, self.targets[subnet.loss], active).compile()
     with self._lock:
       if subnet not in self._compiled:
         self._compiled[subnet] = compiled
@@ -100,8 +104,9 @@ class SubnetSteps:
   def num_compiled(self) -> int:
     return len(self._compiled)
 
-  def __call__(self, subnet: Bucket, params: Any, images: jax.Array, target: jax.Array):
-    return self.compile(subnet)(params, images, target)
+  def __call__(self, subnet: Bucket, params: Any, images: jax.Array, target: jax.Array,
+               active: jax.Array | None = None):
+    return self.compile(subnet)(params, images, target, active)
 
 
 def _sum_and_apply(tx: optax.GradientTransformation, state: TrainState,
@@ -155,7 +160,9 @@ class Trainer:
     return state, metrics
 
   def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array):
-    m, g, logits = self.steps(subnet.bucket, params, images, target)
+    bucket = self.sampler.bucket(subnet)
+    active = parallel.replicate(self.model.channel_counts(subnet.width), self.mesh) if bucket.masked else None
+    m, g, logits = self.steps(bucket, params, images, target, active)
     return {f'{k}/{subnet.name}': v for k, v in m.items()}, g, logits
 
 
@@ -214,7 +221,7 @@ class InTrainingEval:
     sampler = trainer.sampler
     self.configs = {sampler.teacher.name: (sampler.teacher.width, sampler.teacher.resolution)}
     if sampler.method != 'independent':
-      self.configs['min'] = (sampler.widths[0], sampler.max_resolution)
+      self.configs['min'] = (sampler.min_width, sampler.max_resolution)
 
   def __call__(self, params: Any) -> dict[str, float]:
     out = {}

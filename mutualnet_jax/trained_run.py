@@ -87,6 +87,11 @@ class TrainedRun:
   def check(self, width: float, resolution: int) -> tuple[float, int]:
     return check_trained_width(self.config, width), check_resolution(resolution, self.model, self.image_size)
 
+  def capacity(self, width: float) -> float | None:
+    """The capacity whose program calibrates and evaluates `width` (None: its exact program; runs trained before
+    capacities existed have none)."""
+    return slim.capacity_for(width, self.config.get('capacities', ()))
+
   @property
   def provenance(self) -> dict[str, Any]:
     """What calibrated statistics depend on; statistics stored under a different provenance are stale."""
@@ -119,7 +124,11 @@ class TrainedRun:
     corrupt; the flag says whether they were computed now."""
     width, resolution = self.check(width, resolution)
     return bn_calibration.get_or_calibrate(self.store, self.calibrator, self.params, width, resolution,
-                                           lambda: self.calibration_batches, self.provenance)
+                                           lambda: self.calibration_batches, self.provenance, self.capacity(width))
+
+  def evaluate(self, stats: Any, width: float, resolution: int, batches: Any) -> dict[str, float]:
+    """Top-1/top-5 of (width, resolution) with `stats`, in its capacity's program."""
+    return self.evaluator.evaluate(self.params, stats, width, resolution, batches, self.capacity(width))
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:

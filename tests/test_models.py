@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mutualnet_jax import profile, slim
+from mutualnet_jax import export, profile, slim
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params, mobilenet_v1, mobilenet_v2
 
@@ -161,6 +161,62 @@ def test_gradients_outside_the_slice_are_exactly_zero(name):
         assert not v[cout:].any() and v[:cout].any(), module.path
     checked += 1
   assert checked >= 27
+
+
+def _loss_grads_moments(model, params, x, labels, width, active):
+  def loss(p):
+    logits, state = model.apply({'params': p}, x, width=width, train=True, active=active, mutable=['bn_moments'])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean(), (logits, state)
+  (value, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return value, logits, jax.tree.map(np.asarray, grads), state['bn_moments']
+
+
+@pytest.mark.parametrize('name', ['mobilenet_v1', pytest.param('mobilenet_v2', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('width,capacity', [(0.37, 0.5), (0.613, 1.0)])
+def test_capacity_path_equals_the_sliced_subnetwork(name, width, capacity):
+  """Width w run in the program of a larger capacity, its channel counts given at run time, is the exact sub-network
+  of w: logits, loss, every parameter gradient (zero outside the used channels) and the BN batch statistics of the
+  used channels. Compared in float64, where the two must agree to rounding (1e-9 of each tensor's scale); in float32
+  they differ by the one-pass BN variance's cancellation, amplified where a batch variance is tiny."""
+  with jax.enable_x64(True):
+    model = get_model(dict(name=name, **SMALL)).clone(dtype=jnp.float64)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), init_params(model, jax.random.key(0), 16, 3))
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3), jnp.float64)
+    labels = jnp.arange(4) % 10
+    active = jnp.asarray(model.channel_counts(width))
+    model.check_capacity(width, capacity)
+    exact = _loss_grads_moments(model, params, x, labels, width, None)
+    masked = _loss_grads_moments(model, params, x, labels, capacity, active)
+    used = export.used_channels(model, params, width, 16, 3)
+  assert float(masked[0]) == pytest.approx(float(exact[0]), rel=1e-12)
+  np.testing.assert_allclose(masked[1], exact[1], rtol=1e-10, atol=1e-12)
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(exact[2]), jax.tree.leaves(masked[2])):
+    np.testing.assert_allclose(h, g, rtol=0, atol=1e-9 * max(np.abs(g).max(), 1e-6), err_msg=jax.tree_util.keystr(path))
+  for (path, m), n in zip(jax.tree_util.tree_leaves_with_path(exact[3]), jax.tree.leaves(masked[3])):
+    assert n.shape[0] >= m.shape[0]
+    np.testing.assert_allclose(n[:m.shape[0]], m, rtol=1e-9, atol=1e-12, err_msg=jax.tree_util.keystr(path))
+  # Outside the channels the width uses, the capacity path's gradients are exactly zero (not merely small).
+  for path, (_, cin, cout) in used.items():
+    layer = masked[2]
+    for key in path:
+      layer = layer[key]
+    for leaf_name, g in layer.items():
+      box = [slice(None)] * g.ndim
+      box[-1] = slice(cout, None)
+      assert not g[tuple(box)].any(), (path, leaf_name)
+      if g.ndim == 4:
+        box[-1], box[-2] = slice(None), slice(cin, None)
+        assert not g[tuple(box)].any(), (path, leaf_name)
+
+
+def test_capacity_must_hold_the_width():
+  model = get_model(dict(name='mobilenet_v2', **SMALL))
+  with pytest.raises(ValueError, match='smaller than width'):
+    model.check_capacity(0.6, 0.5)
+  x = jnp.ones((1, 16, 16, 3))
+  params = init_params(model, jax.random.key(0), 16, 3)
+  with pytest.raises(ValueError, match='active must hold'):
+    jax.eval_shape(lambda p: model.apply({'params': p}, x, width=1.0, active=jnp.ones(3, jnp.int32)), params)
 
 
 @pytest.mark.slow

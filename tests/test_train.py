@@ -59,8 +59,9 @@ def test_step_sums_the_subnetwork_gradients_into_one_update(trainer):
   batch = make_batch(mesh)
   state = trainer.init_state(0)
   params = jax.device_get(state.params)
-  m_t, g_t, teacher = trainer.steps(TEACHER.bucket, state.params, batch['image'], batch['label'])
-  m_s, g_s, _ = trainer.steps(STUDENT.bucket, state.params, batch['image'], teacher)
+  bucket = trainer.sampler.bucket
+  m_t, g_t, teacher = trainer.steps(bucket(TEACHER), state.params, batch['image'], batch['label'])
+  m_s, g_s, _ = trainer.steps(bucket(STUDENT), state.params, batch['image'], teacher)
   new_state, metrics = trainer.step(state, batch, PLAN)
 
   @jax.jit
@@ -95,6 +96,37 @@ def test_a_bucket_seen_again_never_recompiles(trainer):
   assert control.executables >= 1 and trainer.steps.num_compiled == compiled + 1
 
 
+def test_any_width_inside_a_capacity_reuses_its_program(trainer):
+  """Off-grid widths at one resolution share the capacity program: no compilation when the width changes."""
+  batch = make_batch(trainer.mesh, seed=3)
+  state = trainer.init_state(3)
+  plan = lambda w: StepPlan(TEACHER, (STUDENT, Subnet('rand1', w, 8, 'kd')))  # noqa: E731
+  state, _ = trainer.step(state, batch, plan(0.37))
+  compiled = trainer.steps.num_compiled
+  with CompileCounter().counting() as counter:
+    for w in (0.613, 0.5, 0.999, 0.26):
+      state, metrics = trainer.step(state, batch, plan(w))
+    jax.block_until_ready(state)
+  assert counter.executables == 0 and trainer.steps.num_compiled == compiled
+  assert np.isfinite(float(metrics['loss/rand1']))
+  with CompileCounter().counting() as control:  # another resolution is another program
+    trainer.step(state, batch, StepPlan(TEACHER, (Subnet('rand1', 0.37, 16, 'kd'),)))
+  assert control.executables >= 1 and trainer.steps.num_compiled == compiled + 1
+
+
+def test_a_capacity_step_equals_the_exact_step(trainer):
+  """The same plan through a capacity program and through exact programs: the same update (float32 tolerance)."""
+  exact = make_trainer(tiny_config(capacities=(), width_sampling='grid'))
+  batch = make_batch(trainer.mesh, seed=4)
+  plan = StepPlan(TEACHER, (STUDENT, Subnet('rand1', 0.613, 16, 'kd')))
+  assert trainer.sampler.bucket(plan.students[1]).masked and not exact.sampler.bucket(plan.students[1]).masked
+  a, ma = trainer.step(trainer.init_state(4), batch, plan)
+  b, mb = exact.step(exact.init_state(4), batch, plan)
+  assert float(ma['loss/rand1']) == pytest.approx(float(mb['loss/rand1']), rel=1e-5)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_training_reduces_the_loss_on_a_fixed_batch(trainer):
   batch = make_batch(trainer.mesh, seed=2)
   state = trainer.init_state(2)
@@ -108,7 +140,7 @@ def test_training_reduces_the_loss_on_a_fixed_batch(trainer):
 def test_precompile_covers_every_bucket_in_parallel_threads():
   trainer = make_trainer()
   buckets = trainer.sampler.buckets()
-  # The grid (0.25, 1.0) has no interior widths, so random sub-networks are min or max: teacher + 2 x 2 students.
+  # One capacity (1.0): the teacher, and the exact min width and the capacity program at each of 2 resolutions.
   assert len(buckets) == 5
   trainer.steps.precompile(buckets, threads=2)
   assert trainer.steps.num_compiled == 5

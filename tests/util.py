@@ -5,7 +5,8 @@ from configs import default
 
 
 def tiny_config(**overrides):
-  """The default config with the tiny ConvNet, 16 px inputs, 2 widths (0.25, 1.0), 2 resolutions and batch 8.
+  """The default config with the tiny ConvNet, 16 px inputs, uniform widths in [0.25, 1.0] on one capacity (1.0),
+  2 resolutions and batch 8.
 
   Few buckets means few compilations; `overrides` take dotted keys, e.g. tiny_config(**{'model.name': 'x'}).
   """
@@ -15,6 +16,7 @@ def tiny_config(**overrides):
   config.resolutions = (16, 8)
   config.independent_resolution = 16
   config.width_step = 0.75
+  config.capacities = (1.0,)  # random widths run in one program per resolution: few compilations
   config.sweep_width_step = 0.75
   config.batch_size = 8
   config.learning_rate = 0.05

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mutualnet_jax import slim
 from mutualnet_jax.errors import UserError
@@ -13,6 +14,10 @@ from mutualnet_jax.errors import UserError
 
 class SlimmableModel(nn.Module):
   """Base settings. `width` is a static call argument in (0, max_width]; parameters exist at `max_width`.
+
+  Call: `model.apply(variables, x, width=w, train=..., active=None)`. With `active` (the capacity path), `width` is a
+  capacity and `active` is `channel_counts(real_width)`, an int32 array given at run time: any real width up to the
+  capacity runs in the program compiled for the capacity, with the exact sub-network's result.
 
   num_downsample: how many of the backbone's stride-2 layers keep stride 2 (the earliest ones become stride 1), so
     28-32 px inputs (Fashion-MNIST, CIFAR) keep useful spatial size; 5 is the ImageNet definition.
@@ -43,8 +48,12 @@ class SlimmableModel(nn.Module):
   def min_resolution(self) -> int:
     return 2 ** self.num_downsample
 
-  def prepare(self, x: jax.Array, width: float | None) -> tuple[jax.Array, float, str]:
+  def prepare(self, x: jax.Array, width: float | None,
+              active: jax.Array | None = None) -> tuple[jax.Array, float, str]:
     """Validates (width, input) and returns the input in the compute dtype, the width and the kernel path."""
+    if active is not None and tuple(active.shape) != (len(self.channel_bases()),):
+      raise ValueError(f'active must hold {len(self.channel_bases())} channel counts (model.channel_counts(width)), '
+                       f'got shape {tuple(active.shape)}.')
     width = slim.check_width(self.max_width if width is None else width, self.max_width)
     if self.is_initializing() and abs(width - self.max_width) > 1e-6:
       raise ValueError('initialise a slimmable model at its maximum width, so parameters get their full shape.')
@@ -59,6 +68,24 @@ class SlimmableModel(nn.Module):
   def channels(self, base: int, width: float) -> int:
     return slim.scaled_channels(base, width)
 
+  def channel_bases(self) -> tuple[int, ...]:
+    """The width-1.0 channel counts whose slimmed sizes the model reads from `active` (every `channels` base)."""
+    raise NotImplementedError
+
+  def channel_counts(self, width: float) -> np.ndarray:
+    """What `active` holds for a real width: make_divisible(base * width) per `channel_bases` entry, computed on the
+    host with the exact rounding of the sliced path."""
+    return np.asarray([slim.scaled_channels(b, width) for b in self.channel_bases()], np.int32)
+
+  def check_capacity(self, width: float, capacity: float) -> None:
+    """The capacity must hold every layer of the width (make_divisible is monotone, so capacity >= width does)."""
+    if np.any(self.channel_counts(width) > self.channel_counts(capacity)):
+      raise ValueError(f'capacity {capacity} is smaller than width {width} in some layer.')
+
+  def active(self, base: int, active: jax.Array | None) -> jax.Array | None:
+    """The run-time channel count of layers with `base` channels at width 1.0 (None on the exact path)."""
+    return None if active is None else active[self.channel_bases().index(base)]
+
   def max_channels(self, base: int) -> int:
     return slim.scaled_channels(base, self.max_width)
 
@@ -69,6 +96,6 @@ class SlimmableModel(nn.Module):
                        dtype=self.dtype, **kwargs)
 
   def classify(self, x: jax.Array, in_features: int) -> jax.Array:
-    """Global average pooling + the class outputs (never slimmed), in float32 for the losses."""
+    """Global average pooling + the class outputs (never slimmed), in at least float32 for the losses."""
     x = slim.GlobalAvgPool(name='pool')(x)
-    return slim.SlimDense(self.num_classes, in_features, self.dtype, name='classifier')(x).astype(jnp.float32)
+    return slim.SlimDense(self.num_classes, in_features, self.dtype, name='classifier')(x).astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -23,16 +23,22 @@ class MobileNetV1(SlimmableModel):
   stem: ClassVar[int] = STEM
   blocks: ClassVar[tuple[tuple[int, int], ...]] = BLOCKS
 
+  def channel_bases(self) -> tuple[int, ...]:
+    return tuple(sorted({self.stem, *(c for c, _ in self.blocks)}))
+
   @nn.compact
-  def __call__(self, x: jax.Array, width: float | None = None, train: bool = False) -> jax.Array:
-    x, width, impl = self.prepare(x, width)
+  def __call__(self, x: jax.Array, width: float | None = None, train: bool = False,
+               active: jax.Array | None = None) -> jax.Array:
+    x, width, impl = self.prepare(x, width, active)
     stem_stride, *strides = self.stride_schedule([2] + [s for _, s in self.blocks])
+    used = self.active(self.stem, active)
     x = self.conv_bn(self.stem, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
-        x, self.channels(self.stem, width), train)
+        x, self.channels(self.stem, width), train, used)
     cin = self.stem
     for i, ((c, _), s) in enumerate(zip(self.blocks, strides)):
       x = self.conv_bn(cin, cin, impl, kernel_size=3, strides=s, depthwise=True, name=f'block{i}_dw')(
-          x, None, train)
-      x = self.conv_bn(c, cin, impl, name=f'block{i}_pw')(x, self.channels(c, width), train)
+          x, None, train, used)
+      used = self.active(c, active)
+      x = self.conv_bn(c, cin, impl, name=f'block{i}_pw')(x, self.channels(c, width), train, used)
       cin = c
     return self.classify(x, self.max_channels(cin))

@@ -21,21 +21,28 @@ STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3,
 
 class MobileNetV2(SlimmableModel):
 
+  def channel_bases(self) -> tuple[int, ...]:
+    return tuple(sorted({STEM, *(c for _, c, _, _ in STAGES)}))
+
   @nn.compact
-  def __call__(self, x: jax.Array, width: float | None = None, train: bool = False) -> jax.Array:
-    x, width, impl = self.prepare(x, width)
+  def __call__(self, x: jax.Array, width: float | None = None, train: bool = False,
+               active: jax.Array | None = None) -> jax.Array:
+    x, width, impl = self.prepare(x, width, active)
     blocks = [(t, c, s if r == 0 else 1) for t, c, n, s in STAGES for r in range(n)]
     stem_stride, *strides = self.stride_schedule([2] + [s for _, _, s in blocks])
+    used = self.active(STEM, active)
     x = self.conv_bn(STEM, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
-        x, self.channels(STEM, width), train)
+        x, self.channels(STEM, width), train, used)
     cin = STEM
     for i, ((t, c, _), s) in enumerate(zip(blocks, strides)):
-      shortcut = x
+      shortcut, expanded = x, None if used is None else used * t  # expansion: t x the input's channels (official)
       if t != 1:
-        x = self.conv_bn(cin * t, cin, impl, name=f'block{i}_expand')(x, shortcut.shape[-1] * t, train)
+        x = self.conv_bn(cin * t, cin, impl, name=f'block{i}_expand')(x, shortcut.shape[-1] * t, train, expanded)
       x = self.conv_bn(cin * t, cin * t, impl, kernel_size=3, strides=s, depthwise=True, name=f'block{i}_dw')(
-          x, None, train)
-      x = self.conv_bn(c, cin * t, impl, relu=False, name=f'block{i}_project')(x, self.channels(c, width), train)
+          x, None, train, expanded)
+      used = self.active(c, active)
+      x = self.conv_bn(c, cin * t, impl, relu=False, name=f'block{i}_project')(
+          x, self.channels(c, width), train, used)
       if s == 1 and cin == c:
         x = x + shortcut
       cin = c
