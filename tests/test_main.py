@@ -160,7 +160,8 @@ def test_unwritable_workdir_is_one_clear_error(fashion_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize('overrides,match', [
-    ({'model.max_width': 2.0, 'width_range': (1.0, 2.0), 'capacities': (2.0,)}, 'max_width: checkpoint 1.0 vs config 2.0'),
+    ({'model.max_width': 2.0, 'width_range': (1.0, 2.0), 'capacities': (2.0,)},
+     'max_width: checkpoint 1.0 vs config 2.0'),
     ({'width_range': (0.5, 1.0)}, r'width_range: checkpoint \[0.25, 1.0\] vs config \[0.5, 1.0\]'),
     ({'method': 'usnet'}, "method: checkpoint 'mutualnet' vs config 'usnet'"),
     ({'resolutions': (16, 12)}, r'resolutions: checkpoint \[16, 8\] vs config \[16, 12\]'),

@@ -98,4 +98,5 @@ class SlimmableModel(nn.Module):
   def classify(self, x: jax.Array, in_features: int) -> jax.Array:
     """Global average pooling + the class outputs (never slimmed), in at least float32 for the losses."""
     x = slim.GlobalAvgPool(name='pool')(x)
-    return slim.SlimDense(self.num_classes, in_features, self.dtype, name='classifier')(x).astype(jnp.promote_types(self.dtype, jnp.float32))
+    logits = slim.SlimDense(self.num_classes, in_features, self.dtype, name='classifier')(x)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
