@@ -1,12 +1,12 @@
-"""The reproduction report (benchmarks/reproduce/report.py) on hand-made query tables: the verdicts follow the data
-(each claim flips when the numbers do), the data files hold the numbers the tables were made of, and every figure
-and RESULTS.md are written."""
+"""The reproduction report (benchmarks/reproduce/): verdict records follow the numbers and the noise (held, not held
+and inconclusive, both directions), round 1's archived CSV gives the expected records, the data files and figures
+are written, missing runs are listed, and the README summary is rewritten only between its markers. Synthetic query
+tables, no training."""
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,9 +26,8 @@ def _load_report():
 
 
 report = _load_report()
-runs_lib = report.runs_lib
-
-WIDTHS, RESOLUTIONS = runs_lib.SWEEP_WIDTHS, runs_lib.SWEEP_RESOLUTIONS
+runs_lib, vd = report.runs_lib, report.vd
+N = 10_000  # eval images of the synthetic tables (their metadata)
 
 
 def _macs(width: float, resolution: int) -> int:
@@ -39,75 +38,250 @@ def _rows(top1, pairs) -> list[query.Row]:
   return [query.Row(w, r, _macs(w, r), 1000, top1(w, r), 0.99, 1.0, 10.0) for w, r in pairs]
 
 
-def _write_runs(out: Path, independent_full: float, usnet_offset: float) -> None:
-  """MutualNet: 0.70 + 0.1·width + 0.002·resolution (seeds ±0.005); US-Net: that + usnet_offset at 28 px and 0.3
-  at lower resolutions; the independent networks at 28 px: MutualNet + 0.05, except 1.0@28 = independent_full."""
-  grid = [(w, r) for w in WIDTHS for r in RESOLUTIONS]
-  base = lambda w, r: 0.70 + 0.1 * w + 0.002 * r  # noqa: E731
-  for seed, jitter in ((0, -0.005), (1, 0.005)):
-    query.write_table(_rows(lambda w, r: base(w, r) + jitter, grid), str(out / f'mutualnet_s{seed}'), {})
-    query.write_table(_rows(lambda w, r: base(w, r) + usnet_offset + jitter if r == 28 else 0.3, grid),
-                      str(out / f'usnet_s{seed}'), {})
-  for w in WIDTHS:
-    top1 = independent_full if w == 1.0 else base(w, 28) + 0.05
-    query.write_table(_rows(lambda *_: top1, [(w, 28)]), str(out / f'independent_w{w:g}_r28_s0'), {})
+def base(w: float, r: int) -> float:
+  return 0.70 + 0.1 * w + 0.002 * r
 
 
-def _report(tmp_path: Path, **kwargs) -> tuple[str, Path]:
+def _write_round2(out: Path, budget: str = 'overfit', usnet_offset: float = -0.03, independent_full: float = 0.70,
+                  jitter: float = 0.002, skip: tuple[str, ...] = (), eval_images: int = N) -> list:
+  """Every run of a round-2 budget: MutualNet base(w, r) (+-jitter by seed), US-Net base + usnet_offset at 28 px
+  and 0.3 below, independent networks base + 0.05 except the full one (independent_full); runs whose name ends
+  with an entry of `skip` are left out (not swept)."""
+  runs = [r for r in runs_lib.ROUND2.runs if r.budget.name == budget and not r.name.endswith(skip)]
+  for run in runs:
+    sign = jitter * (1 if run.seed % 2 else -1)
+    if run.method == 'independent':
+      top1 = independent_full + sign if (run.width, run.resolution) == runs_lib.FULL else base(
+          run.width, run.resolution) + 0.05
+      rows = _rows(lambda *_: top1, [(run.width, run.resolution)])
+    else:
+      grid = sorted(run.sweep_configs())
+      offset = 0.01 if run.diagnostic else 0.0
+      rows = _rows((lambda w, r: base(w, r) + usnet_offset + sign if r == 28 else 0.3) if run.method == 'usnet'
+                   else (lambda w, r: base(w, r) + sign + offset), grid)
+    query.write_table(rows, str(out / run.name), {'eval_images': eval_images})
+  return runs
+
+
+def _budget(out: Path, name: str = 'overfit') -> report.BudgetData:
+  budget = runs_lib.ROUND2.budget(name)
+  bd = report.load_budget(out, budget, [r for r in runs_lib.ROUND2.runs if r.budget == budget], {})
+  bd.verdicts = vd.compute(bd.tables, bd.eval_images, 2, name)
+  return bd
+
+
+def _verdict(verdicts, claim: str):
+  return next(v for v in verdicts if v.claim == claim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rule.
+
+@pytest.mark.parametrize('diff, noise, status', [(0.02, 0.005, 'held'), (-0.02, 0.005, 'not held'),
+                                                 (0.009, 0.005, 'inconclusive'), (-0.009, 0.005, 'inconclusive')])
+def test_judge(diff, noise, status):
+  assert vd.judge(diff, noise) == status
+
+
+def test_estimate_noise_combines_seed_spread_and_binomial_error():
+  one = vd.Estimate((0.8,), N)
+  assert one.noise == pytest.approx((0.8 * 0.2 / N) ** 0.5)  # one seed: the binomial error only
+  two = vd.Estimate((0.79, 0.81), N)
+  assert two.seed_term == pytest.approx(0.01)  # std/sqrt(2) = the half-range for 2 seeds
+  assert two.noise == pytest.approx((0.01 ** 2 + 0.8 * 0.2 / N) ** 0.5)
+
+
+def test_eval_images_inferred_from_accuracies():
+  assert report.eval_images_from_accuracies([0.8351, 0.5, 0.7]) == 10_000
+  assert report.eval_images_from_accuracies([0.5, 0.25, 0.75]) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Round 1 from its archive.
+
+def test_round1_verdicts_from_the_archived_csv():
+  short, longer = report.load_round1()
+  assert (short.eval_images, longer.eval_images) == (10_000, 10_000)  # inferred, not typed in
+  assert short.missing == [] and longer.missing == []
+  verdicts = vd.compute(short.tables, short.eval_images, 1, short.budget.name)
+  # The first report called these NOT HELD; its own noise says 2 seeds cannot resolve them.
+  claim2, claim4 = _verdict(verdicts, '2'), _verdict(verdicts, '4')
+  assert claim2.status == claim4.status == 'inconclusive'
+  assert claim4.margins[0] == pytest.approx(0.8425 - 0.8549, abs=1e-4)  # seed means of 1@28, as the CSV has them
+  assert abs(claim4.margins[0]) <= vd.K * claim4.noise[0]
+  assert claim2.margins[0] == pytest.approx(0.0250 - 0.0320, abs=2e-4)
+  claim4b = _verdict(verdicts, '4b')
+  assert (claim4b.status, claim4b.not_held, len(claim4b.comparisons)) == ('not held', 15, 15)
+  claim1 = _verdict(verdicts, '1')
+  assert claim1.not_held == 0 and all(m > 0 for m in claim1.margins)  # never below US-Net, only not always beyond noise
+  assert [c.where.split(' (')[0] for c in claim1.comparisons] == ['2.90 MFLOPs', '10.87 MFLOPs', '23.91 MFLOPs',
+                                                                  '42.03 MFLOPs']
+  assert _verdict(verdicts, 'diagnostic').kind == 'context'
+  assert _verdict(vd.compute(longer.tables, longer.eval_images, 1, '4ep'), '4').comparisons[0].seeds_a == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Round 2: constructed cases.
+
+@pytest.mark.parametrize('usnet_offset, independent_full, jitter, status1, status4', [
+    (-0.03, 0.70, 0.002, 'held', 'held'),                 # MutualNet 3 points above US-Net; 15 above independent
+    (+0.03, 0.95, 0.002, 'not held', 'not held'),         # the other way round
+    (-0.003, 0.859, 0.002, 'inconclusive', 'inconclusive'),  # within the binomial error of 10k images
+    (-0.03, 0.83, 0.03, 'inconclusive', 'inconclusive'),  # beyond the binomial error, within the seed spread
+])
+def test_verdicts_follow_the_numbers_and_the_noise(tmp_path, usnet_offset, independent_full, jitter, status1,
+                                                   status4):
+  _write_round2(tmp_path, usnet_offset=usnet_offset, independent_full=independent_full, jitter=jitter)
+  bd = _budget(tmp_path)
+  assert bd.eval_images == N and bd.missing == []
+  claim1, claim3, claim4 = (_verdict(bd.verdicts, c) for c in ('1', '3', '4'))
+  assert claim1.status == status1 and claim4.status == status4
+  widths = runs_lib.ROUND2.budget('overfit').sweep_widths
+  assert len(claim1.comparisons) == len(widths)  # one budget per US-Net configuration
+  # US-Net's configurations are MutualNet's at 28 px plus usnet_offset; MutualNet may do better still at a lower
+  # resolution within the same MACs.
+  assert min(claim1.margins) == pytest.approx(-usnet_offset) == claim1.margins[-1]
+  us_net_plus = {_macs(w, r) for w in widths for r in runs_lib.ROUND2.budget('overfit').sweep_resolutions}
+  assert len(claim3.comparisons) == len(us_net_plus)  # one budget per distinct cost of a US-Net+ configuration
+  counts = {'held': claim1.held, 'not held': claim1.not_held, 'inconclusive': claim1.inconclusive}
+  assert counts[status1] >= 1 and sum(counts.values()) == len(widths)
+  assert (status1 == 'not held') == (claim1.not_held > 0)
+  assert claim4.comparisons[0].where == '1@28' and claim4.comparisons[0].seeds_b == len(runs_lib.CORE_SEEDS)
+  assert _verdict(bd.verdicts, '4b').status == 'not held'  # the narrower independents are 5 points above
+
+
+def test_fewer_eval_images_widen_the_noise(tmp_path):
+  _write_round2(tmp_path, usnet_offset=-0.02, jitter=0.0, eval_images=N)
+  assert _verdict(_budget(tmp_path).verdicts, '1').status == 'held'
+  _write_round2(tmp_path, usnet_offset=-0.02, jitter=0.0, eval_images=500)  # read from the tables' metadata
+  assert _verdict(_budget(tmp_path).verdicts, '1').status == 'inconclusive'
+
+
+@pytest.mark.parametrize('slope, status', [(-0.2, 'held'), (0.2, 'not held'), (0.0, 'inconclusive')])
+def test_claim2_gap_at_small_budgets(slope, status):
+  """US-Net below MutualNet by 0.05 + slope * (width - 0.25): a negative slope makes the gap largest at small
+  budgets."""
+  pairs = [(w, r) for w in (1.0, 0.75, 0.5, 0.25) for r in (28, 24)]
+  tables = {'MutualNet': {s: _rows(lambda w, r: base(w, r), pairs) for s in (0, 1)},
+            'US-Net': {s: _rows(lambda w, r: base(w, r) - 0.05 - slope * (w - 0.25), [p for p in pairs if p[1] == 28])
+                       for s in (0, 1)}}
+  claim2 = _verdict(vd.compute(tables, N, 2, 'test'), '2')
+  assert claim2.status == status
+
+
+def test_diagnostic_is_context(tmp_path):
+  _write_round2(tmp_path)
+  diag = _verdict(_budget(tmp_path).verdicts, 'diagnostic')
+  assert diag.kind == 'context' and diag.a == 'Diagnostic'
+  assert diag.margins == pytest.approx([0.01] * len(diag.comparisons), abs=0.003)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files.
+
+def test_report_writes_data_files_figures_and_lists_missing_runs(tmp_path):
   out, docs = tmp_path / 'runs', tmp_path / 'docs'
-  _write_runs(out, **kwargs)
+  runs = _write_round2(out, skip=('usnet_s3', 'independent_w0.5_r20_s1'))
   written = report.write_report(out, docs, {'runs': {}, 'invocations': []})
-  assert {p.name for p in written} == {'query_tables.csv', 'budgets.csv', 'summary.json', 'overlay.png',
-                                       'mutualnet_fig5.png', 'usnet_plus_fig5.png', 'RESULTS.md'}
-  assert all(os.path.getsize(p) > 0 for p in written)
-  return (docs / 'RESULTS.md').read_text(), docs / 'reproduce'
+  overfit = docs / 'reproduce' / runs[0].budget.key
+  long = docs / 'reproduce' / runs_lib.ROUND2.budget('long').key
+  for name in ('query_tables.csv', 'budgets.csv', 'verdicts.json', 'overlay.png', 'mutualnet_fig5.png'):
+    assert overfit / name in written and (overfit / name).stat().st_size > 0
+  round1 = docs / 'reproduce' / runs_lib.ROUND1.budgets[0].key
+  assert {round1 / 'overlay.png', round1 / 'mutualnet_fig5.png', docs / 'RESULTS.md',
+          docs / 'reproduce' / 'verdicts.csv'} <= set(written)
+  assert [p.name for p in written if p.parent == long] == ['verdicts.json']  # a budget without data: no figures
 
+  summary = json.loads((overfit / 'verdicts.json').read_text())
+  missing = sorted(r.name for r in runs_lib.ROUND2.runs
+                   if r.budget.name == 'overfit' and r.name.endswith(('usnet_s3', 'independent_w0.5_r20_s1')))
+  assert sorted(summary['runs']['missing']) == missing and len(missing) == 2
+  assert summary['eval_images'] == N
+  assert {v['claim'] for v in summary['verdicts']} >= {'1', '2', '3', '4', '4b'}
+  text = (docs / 'RESULTS.md').read_text()
+  assert all(name in text for name in missing)
+  assert 'No run of this budget has been swept yet' in text  # the 'long' budget
+  with open(docs / 'reproduce' / 'verdicts.csv', newline='') as f:
+    records = list(csv.DictReader(f))
+  assert {(r['round'], r['budget']) for r in records} == {('2', 'overfit'), ('1', '2ep'), ('1', '4ep')}
 
-def _verdict(text: str, claim: str) -> str:
-  line = next(l for l in text.splitlines() if l.startswith(f'- **{claim}'))
-  return line.split('**')[1]
-
-
-def test_verdicts_follow_the_numbers(tmp_path):
-  text, data = _report(tmp_path, independent_full=0.70, usnet_offset=-0.02)
-  assert _verdict(text, 'Claim 1').endswith('HELD (every seed pairing, every budget)')
-  assert _verdict(text, 'Claim 3').endswith('HELD (every seed pairing, every budget)')
-  assert _verdict(text, 'Claim 4 ').endswith('network: HELD')  # 0.856 ± 0.005 against 0.70
-  assert _verdict(text, 'Claim 4b').endswith('at 0/3')  # the narrower independents are 5 points above MutualNet
-  summary = json.loads((data / 'summary.json').read_text())
-  gaps = {round(c['mflops'], 2): c['diff'] for c in summary['verdicts']['mutualnet_vs_usnet']}
-  # US-Net's configurations are MutualNet's at 28 px minus 0.02; MutualNet may do better still with a lower resolution.
-  assert gaps[round(_macs(1.0, 28) / 1e6, 2)] == pytest.approx(0.02)
-  assert min(gaps.values()) == pytest.approx(0.02)
-
-
-def test_verdicts_flip_when_the_numbers_do(tmp_path):
-  text, _ = _report(tmp_path, independent_full=0.99, usnet_offset=+0.02)
-  assert _verdict(text, 'Claim 1').endswith('NOT HELD')
-  assert _verdict(text, 'Claim 4 ').endswith('network: NOT HELD')
-
-
-def test_data_files_hold_the_tables_numbers(tmp_path):
-  _, data = _report(tmp_path, independent_full=0.70, usnet_offset=-0.02)
-  with open(data / 'query_tables.csv', newline='') as f:
+  with open(overfit / 'query_tables.csv', newline='') as f:
     rows = list(csv.DictReader(f))
-  full = [r for r in rows if r['method'] == 'MutualNet' and float(r['width']) == 1.0 and r['resolution'] == '28']
-  assert sorted(float(r['top1']) for r in full) == pytest.approx([0.856 - 0.005, 0.856 + 0.005])
-  with open(data / 'budgets.csv', newline='') as f:
+  full = sorted(float(r['top1']) for r in rows if r['method'] == 'MutualNet' and float(r['width']) == 1.0
+                and r['resolution'] == '28')
+  assert full == pytest.approx([base(1.0, 28) - 0.002] * 2 + [base(1.0, 28) + 0.002] * 2)
+  with open(overfit / 'budgets.csv', newline='') as f:
     budgets = {round(float(r['mflops']), 2): r for r in csv.DictReader(f)}
   top = budgets[round(_macs(1.0, 28) / 1e6, 2)]
-  assert float(top['MutualNet mean_top1']) == pytest.approx(0.856)  # the full network, seed mean
-  assert top['MutualNet configs'] == '1@28 1@28'
+  assert float(top['MutualNet mean_top1']) == pytest.approx(base(1.0, 28))
+  assert top['MutualNet configs'] == ' '.join(['1@28'] * 4)
 
 
-@pytest.mark.parametrize('lift, concluded', [(0.02, True), (0.001, False)])
-def test_diagnostic_concludes_only_beyond_the_seed_spread(tmp_path, lift, concluded):
-  """The no-distillation diagnostic is said to beat MutualNet only when every width's gain exceeds MutualNet's seed
-  half-range (0.005 here)."""
-  grid = [(w, r) for w in WIDTHS for r in RESOLUTIONS]
-  query.write_table(_rows(lambda w, r: 0.70 + 0.1 * w + 0.002 * r + lift, grid),
-                    str(tmp_path / 'runs' / 'mutualnet_labels_s0'), {})
-  text, _ = _report(tmp_path, independent_full=0.99, usnet_offset=-0.02)
-  line = next(l for l in text.splitlines() if l.startswith('- Diagnostic'))
-  assert 'above MutualNet\'s seed mean at 4/4' in line
-  assert ('costs accuracy rather than adding it' in line) == concluded
+def test_report_uses_recorded_facts(tmp_path):
+  out, docs = tmp_path / 'runs', tmp_path / 'docs'
+  runs = _write_round2(out)
+  facts = {'train_split': 'train[:10000]', 'train_images': 10000, 'width_sampling': 'uniform', 'total_steps': 3120}
+  report.write_report(out, docs, {'runs': {r.name: {'facts': facts} for r in runs}, 'invocations': []})
+  text = (docs / 'RESULTS.md').read_text()
+  assert 'width sampling `uniform`' in text and 'training images `10000`' in text and 'steps `3120`' in text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# README summary.
+
+def test_readme_summary_between_markers(tmp_path, capsys):
+  start, end = report.README_MARKERS
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'# Title\n\nbefore\n{start}\nold summary\n{end}\nafter\n')
+  assert report.update_readme(readme, 'new summary\n| a | b |')
+  assert readme.read_text() == f'# Title\n\nbefore\n{start}\nnew summary\n| a | b |\n{end}\nafter\n'
+
+  plain = tmp_path / 'PLAIN.md'
+  plain.write_text('# Title\n\nno markers here\n')
+  assert not report.update_readme(plain, 'new summary')
+  assert plain.read_text() == '# Title\n\nno markers here\n'
+  assert 'left untouched' in capsys.readouterr().err
+
+
+def test_write_report_fills_the_readme_summary(tmp_path):
+  start, end = report.README_MARKERS
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'intro\n{start}\n{end}\n')
+  written = report.write_report(tmp_path / 'runs', tmp_path / 'docs', {'runs': {}, 'invocations': []}, readme=readme)
+  assert readme in written
+  text = readme.read_text()
+  assert text.startswith('intro\n') and '(docs/RESULTS.md)' in text and 'Round 1, 2ep' in text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run list.
+
+def test_run_list_is_data():
+  names = runs_lib.by_name()  # asserts that no two runs share a workdir
+  assert len(names) == sum(len(r.runs) for r in runs_lib.ROUNDS)
+  assert not runs_lib.ROUND1.run_by_default and all(r.budget.round == 2 for r in runs_lib.select())
+  first = runs_lib.select(max_priority=1)
+  assert {(r.budget.name, r.series, r.seed) for r in first} == {
+      ('overfit', m, s) for m in ('MutualNet', 'US-Net', 'Independent') for s in (0, 1)}
+  assert all((r.width, r.resolution) == runs_lib.FULL for r in first if r.method == 'independent')
+  for budget in runs_lib.ROUND2.budgets:
+    runs = [r for r in runs_lib.ROUND2.runs if r.budget == budget]
+    seeds = lambda pred: {r.seed for r in runs if pred(r)}  # noqa: E731
+    assert len(seeds(lambda r: r.method == 'mutualnet' and not r.diagnostic)) >= 4
+    assert len(seeds(lambda r: r.method == 'usnet')) >= 4
+    assert len(seeds(lambda r: (r.width, r.resolution) == runs_lib.FULL)) >= 4
+    grid = {(r.width, r.resolution) for r in runs if r.method == 'independent'}
+    assert len(grid) == 16 and all(len(seeds(lambda r, k=k: (r.width, r.resolution) == k)) >= 2 for k in grid)
+    assert all(f'--config.num_epochs={budget.epochs}' in r.overrides() for r in runs)  # same schedule for all
+    assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= runs[0].sweep_configs()
+  assert runs_lib.ROUND1.runs[0].overrides()[:1] == ['--config.num_epochs=2']
+
+
+@pytest.mark.parametrize('dip, status', [(0.05, 'not held'), (0.0, 'held')])
+def test_width_dip_is_found(dip, status):
+  """An off-grid width (0.35) scoring `dip` below the narrower 0.25 is a dip beyond the noise."""
+  pairs = [(w, 28) for w in (1.0, 0.75, 0.5, 0.35, 0.25)]
+  top1 = lambda w, r: base(w, r) - (dip + 0.01 if w == 0.35 else 0.0)  # noqa: E731
+  widths = _verdict(vd.compute({'MutualNet': {s: _rows(top1, pairs) for s in (0, 1)}}, N, 2, 'test'), 'widths')
+  assert widths.kind == 'context' and widths.status == status
+  assert [c.where for c in widths.comparisons if c.status == 'not held'] == (['0.35@28 vs 0.25@28'] if dip else [])

@@ -1,28 +1,30 @@
-"""The reproduction's report: data files, figures and docs/RESULTS.md, from the runs' query tables and timings.
+"""The reproduction's report: per round and budget, verdict records, data files and figures (docs/reproduce/), then
+docs/RESULTS.md and the README's short summary.
 
-Everything here is derived from OUT/<run>/query_table.json (written by `main.py --mode=sweep`) and OUT/timings.json
-(written by run.py); nothing is typed in by hand. Called by run.py (also with --report_only).
+  load (round 1 from its archived CSV, round 2 from the runs' query tables and OUT/timings.json)
+  -> compute (verdicts.compute: records, no text) -> render (Markdown) -> write (files).
 
-Methods compared (the paper's Figs. 4-6):
-  MutualNet    every swept (width, resolution) of the MutualNet runs;
-  US-Net       the US-Net runs at their training resolution (28 px) only;
-  US-Net+      the same US-Net runs evaluated at every resolution (BN recalibrated per configuration);
-  Independent  one network per (width, resolution), trained alone with labels (seed 0; the full one also seed 1
-               when time allowed); at a budget, the per-network seed means are used.
-Seeds are aggregated per configuration (mean, half-range); at a MACs budget each seed picks its own best
-configuration under the budget (what a user of that one trained model would get), then the picks are aggregated.
+Numbers come from the data: accuracies, MACs, configurations and the number of eval images from the query tables
+(and their metadata), settings and image counts from the runs' config.json / logs as run.py recorded them in
+timings.json; round 1, whose workdirs are gone, from benchmarks/reproduce/round1/ and its entry in runs.py.
+Called by run.py (also with --report_only).
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import datetime
+import fractions
 import json
+import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -33,14 +35,24 @@ for p in (str(HERE), str(REPO)):
 import numpy as np  # noqa: E402
 
 import runs as runs_lib  # noqa: E402
-from mutualnet_jax import plots, profile, query  # noqa: E402
+import verdicts as vd  # noqa: E402
+from mutualnet_jax import plots, query  # noqa: E402
 from mutualnet_jax.errors import UserError  # noqa: E402
 from mutualnet_jax.query import Row  # noqa: E402
 
-METHODS = ('MutualNet', 'US-Net', 'US-Net+', 'Independent', runs_lib.ABLATION)
-FIXED_BUDGETS = (1.0, 3.0, 6.0, 15.0, 30.0)  # MFLOPs, besides the MACs of each width at 28 px / independent net
-COLOURS = {'MutualNet': 'C3', 'US-Net': 'C0', 'US-Net+': 'C2', 'Independent': 'C7', runs_lib.ABLATION: 'C1'}
-FULL = (1.0, 28)
+ROUND1_ARCHIVE = HERE / 'round1'  # query_tables.csv (every row of round 1), training_fit.json (from its logs)
+SERIES = ('MutualNet', 'US-Net', 'US-Net+', 'Independent', 'Diagnostic')
+COLOURS = {'MutualNet': 'C3', 'US-Net': 'C0', 'US-Net+': 'C2', 'Independent': 'black', 'Diagnostic': 'C1'}
+README_MARKERS = ('<!-- reproduce-summary:start -->', '<!-- reproduce-summary:end -->')
+# Settings shown per budget (config.json keys and what run.py adds), in this order, with their names in the text.
+FACTS = (('dataset', 'dataset'), ('train_split', 'training split'), ('train_images', 'training images'),
+         ('eval_split', 'eval split'), ('augmentation', 'augmentation'),
+         ('crop_scale', 'crop area'), ('width_sampling', 'width sampling'), ('width_step', 'width grid'),
+         ('width_range', 'width range'), ('resolutions', 'resolutions'), ('num_subnets', 'sub-networks per step'),
+         ('num_epochs', 'epochs'), ('total_steps', 'steps'), ('batch_size', 'batch'),
+         ('learning_rate', 'learning rate (cosine decay)'), ('warmup_epochs', 'warm-up epochs'),
+         ('weight_decay', 'weight decay'), ('model', 'model'), ('num_downsample', 'stride-2 layers'),
+         ('calibration_images', 'BN calibration images'))
 
 
 def _git(*args: str) -> str:
@@ -53,665 +65,551 @@ def _git(*args: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading.
 
-def load(out: Path) -> tuple[dict[str, dict[int, list[Row]]], dict[str, list[str]]]:
-  """{method: {seed: rows}} and {'present': [...], 'missing': [...]} run names."""
-  tables: dict[str, dict[int, list[Row]]] = {m: {} for m in METHODS}
-  status = {'present': [], 'missing': []}
-  for run in runs_lib.RUNS:
-    try:
-      rows, _ = query.read_table(str(out / run.name))
-    except UserError:
-      status['missing'].append(run.name)
-      continue
-    status['present'].append(run.name)
-    if run.tag:
-      tables.setdefault(run.tag, {})[run.seed] = rows
-    elif run.method == 'mutualnet':
-      tables['MutualNet'][run.seed] = rows
-    elif run.method == 'usnet':
-      tables['US-Net+'][run.seed] = rows
-      tables['US-Net'][run.seed] = [r for r in rows if r.resolution == max(runs_lib.SWEEP_RESOLUTIONS)]
-    else:
-      tables['Independent'].setdefault(run.seed, []).extend(
-          r for r in rows if (r.width, r.resolution) == (run.width, run.resolution))
-  return {m: t for m, t in tables.items() if t}, status
-
-
-def mean_rows(per_seed: dict[int, list[Row]]) -> tuple[list[Row], dict[tuple[float, int], tuple[float, float, int]]]:
-  """Rows with top-1/top-5 averaged over seeds per (width, resolution), and {(w, r): (mean, half-range, n)}."""
-  by_config: dict[tuple[float, int], list[Row]] = {}
-  for rows in per_seed.values():
-    for r in rows:
-      by_config.setdefault((r.width, r.resolution), []).append(r)
-  out, spread = [], {}
-  for key, rs in sorted(by_config.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-    top1 = np.array([r.top1 for r in rs])
-    out.append(dataclasses.replace(rs[0], top1=float(top1.mean()), top5=float(np.mean([r.top5 for r in rs])),
-                                   latency_ms=float(np.median([r.latency_ms for r in rs])),
-                                   latency_batch_ms=float(np.median([r.latency_batch_ms for r in rs]))))
-    spread[key] = (float(top1.mean()), float((top1.max() - top1.min()) / 2), len(rs))
-  return out, spread
-
-
 @dataclasses.dataclass
-class Pick:
-  mean: float | None            # top-1 (fraction) averaged over seeds; None when nothing fits in some seed
-  half_range: float | None
-  n: int
-  configs: list[str]            # the configuration each seed picked, 'w@res'
+class BudgetData:
+  """Everything the report knows about one budget of one round."""
+  budget: runs_lib.Budget
+  tables: vd.Tables                         # {series: {seed: rows}}
+  run_rows: dict[str, list[Row]]            # per present run
+  missing: list[str]                        # run names without a query table
+  eval_images: int | None
+  eval_images_from: str
+  facts: dict[str, list[Any]]               # FACTS key: the distinct values over the present runs
+  facts_from: str
+  fit: list[dict[str, Any]]                 # training fit of the labelled network, per run
+  verdicts: list[vd.Verdict] = dataclasses.field(default_factory=list)
+
+  @property
+  def title(self) -> str:
+    return f'Round {self.budget.round}, {self.budget.name}'
 
 
-def at_budget(per_seed: dict[int, list[Row]], mflops: float) -> Pick:
-  picks, configs = [], []
-  for seed in sorted(per_seed):
-    fits = [r for r in per_seed[seed] if r.macs <= mflops * 1e6 * (1 + 1e-9)]
-    if not fits:
-      return Pick(None, None, 0, [])
-    best = query.query(fits, budget_mflops=mflops * (1 + 1e-9))
-    picks.append(best.top1)
-    configs.append(f'{best.width:g}@{best.resolution}')
-  a = np.array(picks)
-  return Pick(float(a.mean()), float((a.max() - a.min()) / 2), len(a), configs)
+def add_run(tables: vd.Tables, run: runs_lib.Run, rows: list[Row]) -> None:
+  """Files a run's rows under the series it feeds (a US-Net run feeds US-Net at its training resolution and
+  US-Net+ at every resolution; an independent run only its own configuration)."""
+  if run.method == 'independent':
+    rows = [r for r in rows if (r.width, r.resolution) == (run.width, run.resolution)]
+    tables.setdefault('Independent', {}).setdefault(run.seed, []).extend(rows)
+    return
+  tables.setdefault(run.series, {})[run.seed] = rows
+  if run.series == 'US-Net':
+    tables['US-Net+'] = {**tables.get('US-Net+', {}), run.seed: rows}
+    top = max(r.resolution for r in rows)
+    tables['US-Net'][run.seed] = [r for r in rows if r.resolution == top]
 
 
-def for_budgets(tables: dict[str, dict[int, list[Row]]], method: str) -> dict[int, list[Row]]:
-  """Per-seed tables for budget picks; independent networks (separate runs, not every one with every seed) as
-  one table of per-network seed means."""
-  if method == 'Independent':
-    return {0: mean_rows(tables[method])[0]}
-  return tables[method]
+def eval_images_from_accuracies(values: Sequence[float], most: int = 10 ** 6) -> int | None:
+  """The smallest N for which every accuracy is a whole number of images out of N (k/N): the eval set's size when
+  no table metadata survives. None when no N up to `most` fits."""
+  n = 1
+  for v in values:
+    n = math.lcm(n, fractions.Fraction(v).limit_denominator(most).denominator)
+  return n if n <= most and all(abs(round(v * n) - v * n) < 1e-6 for v in values) else None
 
 
-def budgets(tables: dict[str, dict[int, list[Row]]]) -> list[tuple[float, str]]:
-  """(MFLOPs, where it comes from): the MACs of each independent network and of each swept width at the highest
-  resolution (the like-for-like budgets: US-Net's own configurations), and FIXED_BUDGETS; ascending."""
-  out: dict[float, str] = {}
-  top = max(runs_lib.SWEEP_RESOLUTIONS)
-  indep = [r for rows in tables.get('Independent', {}).values() for r in rows]
-  at_top = [r for m in ('MutualNet', 'US-Net') for rows in tables.get(m, {}).values() for r in rows
-            if r.resolution == top]
-  for r in indep + at_top:
-    out.setdefault(r.macs / 1e6, f'MACs of {r.width:g}@{r.resolution}')
-  derived = list(out)
-  for b in FIXED_BUDGETS:  # skipped when within 10% of a derived budget (it would repeat the same picks)
-    if all(abs(b - d) > 0.1 * d for d in derived):
-      out.setdefault(b, 'fixed')
-  return sorted(out.items())
+RowsOf = Callable[[runs_lib.Run], 'tuple[list[Row], dict[str, Any]] | None']
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Figures.
-
-def overlay_figure(tables: dict[str, dict[int, list[Row]]], path: Path) -> Path:
-  """Figs. 4/6: each method's Pareto frontier of seed-averaged configurations, error bars = half-range over seeds,
-  faint markers = every (seed, configuration); independent networks as stars, their frontier dotted."""
-  seeds = {m: len(tables[m]) for m in METHODS if m in tables and m != 'Independent'}
-  fig, ax = plots.axes(f'Fashion-MNIST, MobileNet v1 (small input), {runs_lib.COMMON["num_epochs"]:g} epoch(s)\n' +
-                       ', '.join(f'{m}: {n} seed{"s" * (n > 1)}' for m, n in seeds.items()),
-                       ylabel='top-1 accuracy (%), Fashion-MNIST test', figsize=(8.4, 5.6))
-  for method in METHODS:
-    if method not in tables:
+def assemble(budget: runs_lib.Budget, runs: Sequence[runs_lib.Run], rows_of: RowsOf, facts: dict[str, list[Any]],
+             facts_from: str, fit: list[dict[str, Any]]) -> BudgetData:
+  """A budget's tables from each run's (rows, table metadata), None for a run without a table; the eval-image count
+  from the metadata, else inferred from the accuracies; `facts`, when empty, from the budget's settings."""
+  tables, run_rows, missing, counts = {}, {}, [], set()
+  for run in runs:
+    found = rows_of(run)
+    if not found or not found[0]:
+      missing.append(run.name)
       continue
-    colour = COLOURS[method]
-    rows, spread = mean_rows(tables[method])
-    if method == 'Independent':
-      x = [r.macs / 1e6 for r in rows]
-      y = [100 * r.top1 for r in rows]
-      ax.plot(x, y, '*', color='black', markersize=10, label='Independent (one net per point; frontier labelled)',
-              zorder=5)
-      front = query.pareto_frontier(rows)
-      ax.plot([r.macs / 1e6 for r in front], [100 * r.top1 for r in front], ':', color='black', linewidth=1)
-      for r in front:  # labelling every star makes them unreadable once the grid is complete
-        ax.annotate(f'{r.width:g}@{r.resolution}', (r.macs / 1e6, 100 * r.top1), textcoords='offset points',
-                    xytext=(4, -10), fontsize=7)
-      continue
-    every = [r for rs in tables[method].values() for r in rs]
-    if method != 'US-Net+':  # US-Net+'s points include US-Net's: draw each point once
-      ax.plot([r.macs / 1e6 for r in every], [100 * r.top1 for r in every], 'o', color=colour, markersize=2.5,
-              alpha=0.3)
-    else:
-      low = [r for r in every if r.resolution != max(runs_lib.SWEEP_RESOLUTIONS)]
-      ax.plot([r.macs / 1e6 for r in low], [100 * r.top1 for r in low], 'o', color=colour, markersize=2.5, alpha=0.3)
-    front = query.pareto_frontier(rows)
-    # US-Net's frontier is US-Net+'s at 28 px: a wide, faint line keeps it visible under US-Net+'s dashes.
-    wide = method == 'US-Net'
-    ax.errorbar([r.macs / 1e6 for r in front], [100 * r.top1 for r in front],
-                yerr=[100 * spread[r.width, r.resolution][1] for r in front], fmt='o', color=colour, markersize=4,
-                linewidth=5 if wide else 1.5, alpha=0.45 if wide else 1.0, capsize=3,
-                label=f'{method} (Pareto frontier of seed means)', linestyle='--' if method == 'US-Net+' else '-')
-  ax.set_xscale('log')
-  ax.legend(loc='lower right', fontsize='small')
-  return Path(plots.save(fig, path))
+    run_rows[run.name], meta = found
+    counts.add(meta.get('eval_images'))
+    add_run(tables, run, run_rows[run.name])
+  counts.discard(None)
+  if counts:
+    n = min(counts)
+    n_from = 'the query tables\' metadata (`eval_images`)' + (
+        f'; the runs disagree ({", ".join(map(str, sorted(counts)))}): the smallest is used' if len(counts) > 1 else '')
+  else:
+    n = eval_images_from_accuracies([r.top1 for rows in run_rows.values() for r in rows]) if run_rows else None
+    n_from = ('inferred: the smallest count of which every top-1 is a whole number of images (no `eval_images` '
+              'metadata)')
+  if not facts:
+    facts = {**{k: [v] for k, v in budget.settings.items()}, 'num_epochs': [budget.epochs]}
+  return BudgetData(budget, tables, run_rows, missing, n, n_from, facts, facts_from,
+                    [f for f in fit if f['run'] in run_rows])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data files.
+def load_round1(archive: Path = ROUND1_ARCHIVE) -> list[BudgetData]:
+  """Round 1 from its CSV (columns method, seed, query.COLUMNS; `method` is each run's label) and the training fit
+  its report parsed from the logs."""
+  by_label: dict[tuple[str, int], list[Row]] = {}
+  with open(archive / 'query_tables.csv', newline='') as f:
+    for rec in csv.DictReader(f):
+      by_label.setdefault((rec['method'], int(rec['seed'])), []).append(query._row(rec))  # pylint: disable=protected-access
+  fit_path = archive / 'training_fit.json'
+  fit = json.loads(fit_path.read_text())['training_fit'] if fit_path.exists() else []
 
-def write_rows_csv(tables: dict[str, dict[int, list[Row]]], path: Path) -> None:
-  with open(path, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(['method', 'seed'] + list(query.COLUMNS))
-    for method in ('MutualNet', 'US-Net+', 'Independent', runs_lib.ABLATION, *runs_lib.LONGER):
-      for seed, rows in sorted(tables.get(method, {}).items()):
-        for r in rows:
-          w.writerow([method if method != 'US-Net+' else 'US-Net', seed] + [getattr(r, c) for c in query.COLUMNS])
+  def rows_of(run: runs_lib.Run) -> tuple[list[Row], dict[str, Any]]:
+    rows = by_label.get((run.label, run.seed), [])
+    if run.method == 'independent':  # one label holds every independent network of a seed
+      rows = [r for r in rows if (r.width, r.resolution) == (run.width, run.resolution)]
+    return rows, {}
 
-
-def _pct(x: float | None, hr: float | None = None, n: int = 1) -> str:
-  if x is None:
-    return '—'
-  return f'{100 * x:.2f}' + (f' ± {100 * hr:.2f}' if hr is not None and n > 1 else '')
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Verdicts.
-
-def compare(tables, a: str, b: str, grid: Sequence[tuple[float, str]]) -> list[dict]:
-  """Per budget where both methods have a configuration: a's and b's picks and the difference of the means."""
-  out = []
-  for mflops, source in grid:
-    pa, pb = at_budget(tables[a], mflops), at_budget(tables[b], mflops)
-    if pa.mean is None or pb.mean is None:
-      continue
-    out.append({'mflops': mflops, 'source': source, a: dataclasses.asdict(pa), b: dataclasses.asdict(pb),
-                'diff': pa.mean - pb.mean, 'noise': (pa.half_range or 0) + (pb.half_range or 0),
-                'per_seed_all_positive': _per_seed_positive(tables, a, b, mflops)})
-  return out
-
-
-def _per_seed_positive(tables, a: str, b: str, mflops: float) -> bool | None:
-  """Whether a beats b in every pairing of a seed of a with a seed of b."""
-  va = [at_budget({s: rows}, mflops).mean for s, rows in tables[a].items()]
-  vb = [at_budget({s: rows}, mflops).mean for s, rows in tables[b].items()]
-  if None in va or None in vb:
-    return None
-  return min(va) > max(vb)
-
-
-def _fmt_cmp(c: dict, a: str, b: str) -> str:
-  return (f'{c["mflops"]:.2f} MFLOPs: {_pct(c[a]["mean"], c[a]["half_range"], c[a]["n"])} vs '
-          f'{_pct(c[b]["mean"], c[b]["half_range"], c[b]["n"])} (Δ {100 * c["diff"]:+.2f} pts)')
-
-
-def _word(held, robust, c) -> str:
-  if not held:
-    return 'NOT HELD'
-  if len(robust) == len(c):
-    return 'HELD (every seed pairing, every budget)'
-  return f'HELD on the seed means (every seed pairing at only {len(robust)}/{len(c)} budgets)'
-
-
-def verdicts(tables, grid) -> tuple[list[str], dict]:
-  lines, data = [], {}
-  have = lambda *ms: all(m in tables for m in ms)  # noqa: E731
-
-  def above(baseline: str, claim: str) -> list[dict]:
-    """'MutualNet above `baseline` at every budget': the verdict line, and the comparison data."""
-    c = compare(tables, 'MutualNet', baseline, grid)
-    data[f'mutualnet_vs_{baseline.lower().replace("-", "").replace("+", "_plus")}'] = c
-    wins = [x for x in c if x['diff'] > 0]
-    robust = [x for x in c if x['per_seed_all_positive']]
-    lines.append(
-        f'**{claim}: {_word(len(wins) == len(c) and c, robust, c)}** here. At the {len(c)} budgets where '
-        f'{baseline} has a configuration, MutualNet\'s mean top-1 is higher at {len(wins)}/{len(c)}; at '
-        f'{len(robust)}/{len(c)} every MutualNet seed beats every {baseline} seed. '
-        + '; '.join(_fmt_cmp(x, 'MutualNet', baseline) for x in c) + '.')
-    return c
-
-  # Claim 1: above US-Net at every budget.
-  if have('MutualNet', 'US-Net'):
-    c = above('US-Net', 'Claim 1 — MutualNet above US-Net at every budget')
-    below = [b for b, _ in grid if at_budget(tables['US-Net'], b).mean is None
-             and at_budget(tables['MutualNet'], b).mean is not None]
-    if below:
-      lines[-1] += (f' Below US-Net\'s smallest configuration ({", ".join(f"{b:.2f}" for b in below)} MFLOPs) only '
-                    'MutualNet has a model at all.')
-    # Claim 2: the gap is largest at small budgets.
-    # Like-for-like budgets only (the MACs of US-Net's own configurations): between them US-Net's frontier is a
-    # step function, which would inflate the gap at the fixed budgets.
-    top = max(runs_lib.SWEEP_RESOLUTIONS)
-    like = [x for x in c if x['source'].startswith('MACs of') and x['source'].endswith(f'@{top}')]
-    if len(like) >= 2:
-      gaps = [(x['mflops'], x['diff']) for x in like]
-      biggest = max(gaps, key=lambda g: g[1])
-      half = len(gaps) // 2
-      small_mean = float(np.mean([g for _, g in gaps[:max(half, 1)]]))
-      large_mean = float(np.mean([g for _, g in gaps[max(half, 1):]]))
-      held2 = small_mean > large_mean and small_mean > 0 and biggest[0] == gaps[0][0]
-      noise_small = max(x['noise'] for x in like[:max(half, 1)])
-      data['gap_small_vs_large'] = {'small_mean_gap': small_mean, 'large_mean_gap': large_mean,
-                                    'largest_gap_at_mflops': biggest[0], 'largest_gap': biggest[1]}
-      lines.append(
-          f'**Claim 2 — the MutualNet–US-Net gap is largest at small budgets: {"HELD" if held2 else "NOT HELD"}**. '
-          f'At the like-for-like budgets (the MACs of each width at {top} px, where US-Net has exactly that '
-          f'configuration): mean gap over the {max(half, 1)} smallest budgets ({gaps[0][0]:.2f}–{gaps[max(half, 1) - 1][0]:.2f} MFLOPs): '
-          f'{100 * small_mean:+.2f} pts; over the {len(gaps) - max(half, 1)} larger ones: {100 * large_mean:+.2f} '
-          f'pts; the largest gap is {100 * biggest[1]:+.2f} pts at {biggest[0]:.2f} MFLOPs (gaps: '
-          + ', '.join(f'{m:.2f}: {100 * g:+.2f}' for m, g in gaps) + '). Criterion: the largest gap at the '
-          'smallest budget and a larger mean gap on the small half.'
-          + (f' The seed spread at the small budgets (up to ±{100 * noise_small:.2f} pts, summed over the two '
-             'methods) is larger than the differences between gaps, so 2 seeds do not resolve this either way.'
-             if noise_small > abs(small_mean - large_mean) else ''))
-
-  # Claim 3: above US-Net+.
-  if have('MutualNet', 'US-Net+'):
-    above('US-Net+', 'Claim 3 — MutualNet above US-Net+ (US-Net evaluated at '
-          + '/'.join(map(str, runs_lib.SWEEP_RESOLUTIONS)) + ' px)')
-
-  # Claim 4: same configuration vs an independently trained network.
-  if have('MutualNet', 'Independent'):
-    _, mspread = mean_rows(tables['MutualNet'])
-    _, uspread = mean_rows(tables['US-Net+']) if 'US-Net+' in tables else ({}, {})
-    indep, ispread = mean_rows(tables['Independent'])
-    rows = []
-    for r in sorted(indep, key=lambda r: (-r.resolution, -r.width)):
-      key = (r.width, r.resolution)
-      if key not in mspread:
-        continue
-      m, hr, n = mspread[key]
-      u = uspread.get(key)
-      rows.append({'config': f'{r.width:g}@{r.resolution}', 'mflops': r.macs / 1e6, 'independent': r.top1,
-                   'independent_half_range': ispread[key][1], 'independent_seeds': ispread[key][2],
-                   'mutualnet': m, 'mutualnet_half_range': hr, 'mutualnet_seeds': n,
-                   'mutualnet_seeds_above_independent_mean': sum(x.top1 > r.top1 for rs in tables['MutualNet'].values() for x in rs
-                                                if (x.width, x.resolution) == key),
-                   'usnet': u[0] if u else None, 'usnet_half_range': u[1] if u else None,
-                   'usnet_seeds': u[2] if u else 0})
-    data['same_config_vs_independent'] = rows
-    full = next((x for x in rows if x['config'] == f'{FULL[0]:g}@{FULL[1]}'), None)
-    if full:
-      held4 = full['mutualnet'] > full['independent']
-      lines.append(
-          f'**Claim 4 — MutualNet\'s full configuration (1.0@28) beats an independently trained 1.0@28 network: '
-          f'{"HELD" if held4 else "NOT HELD"}**: {_pct(full["mutualnet"], full["mutualnet_half_range"], full["mutualnet_seeds"])}'
-          f' vs {_pct(full["independent"], full["independent_half_range"], full["independent_seeds"])} (Δ {100 * (full["mutualnet"] - full["independent"]):+.2f} pts; '
-          f'{full["mutualnet_seeds_above_independent_mean"]}/{full["mutualnet_seeds"]} MutualNet seeds above the '
-          f'independent network\'s mean over {full["independent_seeds"]} seed(s)).')
-    others = [x for x in rows if x is not full]
-    if others:
-      above = [x for x in others if x['mutualnet'] > x['independent']]
-      lines.append(
-          f'**Claim 4b — same configuration, other widths/resolutions: MutualNet above the independent network at '
-          f'{len(above)}/{len(others)}**: ' + '; '.join(
-              f'{x["config"]} {_pct(x["mutualnet"], x["mutualnet_half_range"], x["mutualnet_seeds"])} vs '
-              f'{_pct(x["independent"], x["independent_half_range"], x["independent_seeds"])} '
-              f'(Δ {100 * (x["mutualnet"] - x["independent"]):+.2f})' for x in others) + '.')
-
-  # Claim 4 again with a longer schedule (same seed as the shorter runs, so the trend is visible).
-  if all(m in tables for m in runs_lib.LONGER):
-    def full_top1(method: str, seed: int = 0) -> float | None:
-      return next((r.top1 for r in tables.get(method, {}).get(seed, []) if (r.width, r.resolution) == FULL), None)
-    long_m, long_i = full_top1(runs_lib.LONG_MUTUALNET), full_top1(runs_lib.LONG_INDEPENDENT)
-    short_m, short_i = full_top1('MutualNet'), full_top1('Independent')
-    data['claim4_longer'] = {'epochs': runs_lib.LONG_EPOCHS, 'mutualnet': long_m, 'independent': long_i,
-                             'mutualnet_short': short_m, 'independent_short': short_i}
-    if None not in (long_m, long_i):
-      trend = (f'; with {runs_lib.COMMON["num_epochs"]:g} epochs (same seed 0) it was {_pct(short_m)} vs '
-               f'{_pct(short_i)} (Δ {100 * (short_m - short_i):+.2f})' if None not in (short_m, short_i) else '')
-      lines.append(
-          f'**Claim 4 with a {runs_lib.LONG_EPOCHS}-epoch schedule (seed 0): '
-          f'{"HELD" if long_m > long_i else "NOT HELD"}**: MutualNet 1.0@28 {_pct(long_m)} vs independent '
-          f'{_pct(long_i)} (Δ {100 * (long_m - long_i):+.2f} pts){trend}. One seed each: read it against the seed '
-          'spread reported above.')
-  return lines, data
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# RESULTS.md.
-
-def _seed_counts(tables: dict[str, dict[int, list[Row]]]) -> str:
-  """'2 seeds for 1@28, 1 for the other 15 configurations': seeds per independent configuration, grouped."""
-  if 'Independent' not in tables:
-    return 'none'
-  counts: dict[int, list[str]] = {}
-  for (w, r), v in mean_rows(tables['Independent'])[1].items():
-    counts.setdefault(v[2], []).append(f'{w:g}@{r}')
-  groups = sorted(counts.items(), key=lambda kv: len(kv[1]))
-  return ', '.join(f'{n} seed{"s" * (n > 1)} for ' + (', '.join(cfgs) if i < len(groups) - 1 or len(groups) == 1
-                                                      else f'the other {len(cfgs)} configurations')
-                   for i, (n, cfgs) in enumerate(groups))
-
-
-def _timing_rows(timings: dict) -> tuple[list[str], float]:
-  lines = ['| run | training wall (s) | sweep wall (s) | attempts (train/sweep) |', '|---|---:|---:|---:|']
-  total = 0.0
-  for run in runs_lib.RUNS:
-    t = timings.get('runs', {}).get(run.name)
-    if not t:
-      continue
-    tr = sum(a['seconds'] for a in t.get('train', []))
-    sw = sum(a['seconds'] for a in t.get('sweep', []))
-    total += tr + sw
-    lines.append(f'| {run.name} | {tr:.0f} | {sw:.0f} | {len(t.get("train", []))}/{len(t.get("sweep", []))} |')
-  lines.append(f'| **total** | | | {total:.0f} s = {total / 60:.1f} min |')
-  return lines, total
-
-
-def _hours_for(timings: dict, epochs: float, *names: str) -> str:
-  """Wall time the named runs would take at `epochs` epochs, scaled from their measured training time."""
-  seconds = sum(a['seconds'] for n in names for a in timings.get('runs', {}).get(n, {}).get('train', []))
-  if not seconds:
-    return 'an unmeasured time'
-  return f'{seconds * epochs / runs_lib.COMMON["num_epochs"] / 3600:.1f} h'
-
-
-def _commands(timings: dict) -> list[str]:
-  out = []
-  for run in runs_lib.RUNS:
-    t = timings.get('runs', {}).get(run.name, {})
-    for phase in ('train', 'sweep'):
-      if t.get(phase):
-        out.append(t[phase][-1]['command'].replace(str(REPO) + '/', ''))
-  return out
+  return [assemble(b, [r for r in runs_lib.ROUND1.runs if r.budget == b], rows_of, {}, 'runs.py, round 1 as it ran',
+                   fit) for b in runs_lib.ROUND1.budgets]
 
 
 _FIT = re.compile(r'\[(\d+)\] accuracy/(?:max|fixed)=([0-9.eE+-]+).*?grad_norm=([0-9.eE+-]+).*?'
                   r'loss/(?:max|fixed)=([0-9.eE+-]+)')
 
 
-def training_fit(out: Path) -> list[dict]:
-  """The labelled (full / fixed) network's training accuracy and cross-entropy over the last logged interval of each
-  run, parsed from OUT/logs/<run>.train.log (the last occurrence: logs are appended across attempts)."""
+def training_fit(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
+  """The labelled network's training top-1 and cross-entropy over the last logged interval of each run, from
+  OUT/logs/<run>.train.log (the last occurrence: logs are appended across attempts)."""
   rows = []
-  for run in runs_lib.RUNS:
-    log = out / 'logs' / f'{run.name}.train.log'
-    if not log.exists():
-      continue
-    found = _FIT.findall(log.read_text())
+  for name in names:
+    log = out / 'logs' / f'{name}.train.log'
+    found = _FIT.findall(log.read_text()) if log.exists() else []
     if found:
       step, acc, gnorm, loss = found[-1]
-      rows.append({'run': run.name, 'step': int(step), 'train_accuracy': float(acc), 'train_ce': float(loss),
+      rows.append({'run': name, 'step': int(step), 'train_accuracy': float(acc), 'train_ce': float(loss),
                    'grad_norm': float(gnorm)})
   return rows
 
 
-def write_report(out: Path, docs: Path, timings: dict) -> list[Path]:
-  tables, status = load(out)
-  data_dir = docs / 'reproduce'
-  data_dir.mkdir(parents=True, exist_ok=True)
-  written: list[Path] = []
-  if not tables:
-    print('report: no swept runs yet', file=sys.stderr)
+def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run], timings: dict) -> BudgetData:
+  """A budget from its runs' workdirs under `out` and the facts run.py recorded in timings.json."""
+  def rows_of(run: runs_lib.Run) -> tuple[list[Row], dict[str, Any]] | None:
+    try:
+      return query.read_table(str(out / run.name))
+    except UserError:
+      return None
+
+  facts: dict[str, list[Any]] = {}
+  for run in runs:
+    for key, value in timings.get('runs', {}).get(run.name, {}).get('facts', {}).items():
+      if value not in facts.setdefault(key, []):
+        facts[key].append(value)
+  facts_from = ('the runs\' config.json, logs and sweep summaries (timings.json)' if facts else
+                'runs.py: what run.py passes, no config.json recorded yet')
+  return assemble(budget, runs, rows_of, facts, facts_from, training_fit(out, [r.name for r in runs]))
+
+
+def load_all(out: Path, timings: dict, round1: Path = ROUND1_ARCHIVE) -> list[BudgetData]:
+  """Round 2's budgets (latest first), then round 1's; each with its verdict records."""
+  data = [load_budget(out, b, [r for r in runs_lib.ROUND2.runs if r.budget == b], timings)
+          for b in runs_lib.ROUND2.budgets] + load_round1(round1)
+  for bd in data:
+    if bd.tables and bd.eval_images:
+      bd.verdicts = vd.compute(bd.tables, bd.eval_images, bd.budget.round, bd.budget.name)
+  return data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Derived numbers shared by figures, data files and text.
+
+def seed_mean_rows(series: dict[int, list[Row]]) -> list[Row]:
+  """One row per configuration with top-1 averaged over seeds."""
+  by: dict[tuple[float, int], list[Row]] = {}
+  for rows in series.values():
+    for r in rows:
+      by.setdefault((r.width, r.resolution), []).append(r)
+  return [dataclasses.replace(rs[0], top1=float(np.mean([r.top1 for r in rs])),
+                              top5=float(np.mean([r.top5 for r in rs]))) for _, rs in sorted(by.items())]
+
+
+def budget_grid(tables: vd.Tables) -> list[tuple[float, str]]:
+  """The MACs of every configuration any series has, cheapest first."""
+  return vd.configuration_budgets({0: [r for series in tables.values() for rows in series.values() for r in rows]})
+
+
+def budget_rows(bd: BudgetData) -> list[dict[str, Any]]:
+  present = [s for s in SERIES if bd.tables.get(s)]
+  return [{'mflops': mflops, 'source': source,
+           **{s: vd.at_budget(bd.tables, s, mflops, bd.eval_images) for s in present}}
+          for mflops, source in budget_grid(bd.tables)]
+
+
+def full_config(rows: Sequence[Row]) -> tuple[float, int]:
+  best = max(rows, key=lambda r: (r.macs, r.width))
+  return best.width, best.resolution
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures.
+
+def overlay_figure(bd: BudgetData, path: Path) -> Path:
+  """Figs. 4/6: each method's Pareto frontier of seed means, error bars 1 sigma (the verdicts' noise), faint dots
+  every (seed, configuration); independent networks as stars with their frontier dotted and labelled."""
+  seeds = ', '.join(f'{s}: {len(bd.tables[s])} seed{"s" * (len(bd.tables[s]) > 1)}' for s in SERIES
+                    if bd.tables.get(s) and s not in ('Independent', 'US-Net'))
+  fig, ax = plots.axes(f'{bd.title}: {bd.budget.purpose}\n{seeds}', ylabel='top-1 accuracy (%)', figsize=(8.4, 5.6))
+  for name in SERIES:
+    series = bd.tables.get(name)
+    if not series or name == 'Diagnostic':
+      continue
+    points = vd.per_config(series, bd.eval_images)
+    front = query.pareto_frontier(seed_mean_rows(series))
+    x = [r.macs / 1e6 for r in front]
+    y = [100 * r.top1 for r in front]
+    err = [100 * points[r.width, r.resolution][1].noise for r in front]
+    if name == 'Independent':
+      every = seed_mean_rows(series)
+      ax.plot([r.macs / 1e6 for r in every], [100 * r.top1 for r in every], '*', color='black', markersize=10,
+              label='Independent (one network per star; frontier labelled)', zorder=5)
+      ax.errorbar(x, y, yerr=err, fmt='none', color='black', capsize=3)
+      ax.plot(x, y, ':', color='black', linewidth=1)
+      for r in front:
+        ax.annotate(vd.config_name(r.width, r.resolution), (r.macs / 1e6, 100 * r.top1), textcoords='offset points',
+                    xytext=(4, -10), fontsize=7)
+      continue
+    if name != 'US-Net':  # US-Net's points are US-Net+'s at the training resolution: drawn once
+      every = [r for rows in series.values() for r in rows]
+      ax.plot([r.macs / 1e6 for r in every], [100 * r.top1 for r in every], 'o', color=COLOURS[name],
+              markersize=2.5, alpha=0.3)
+    wide = name == 'US-Net'  # under US-Net+'s dashes: a wide faint line keeps it visible
+    ax.errorbar(x, y, yerr=err, fmt='o', color=COLOURS[name], markersize=4, linewidth=5 if wide else 1.5,
+                alpha=0.45 if wide else 1.0, capsize=3, linestyle='--' if name == 'US-Net+' else '-',
+                label=f'{name} (Pareto frontier of seed means)')
+  ax.set_xscale('log')
+  ax.legend(loc='lower right', fontsize='small')
+  return Path(plots.save(fig, path))
+
+
+def fig5(bd: BudgetData, path: Path) -> Path:
+  series = bd.tables['MutualNet']
+  return Path(plots.accuracy_macs(seed_mean_rows(series), path, title=(
+      f'{bd.title}: MutualNet, mean of {len(series)} seed(s), configurations by resolution')))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data files.
+
+def _estimate_fields(est: vd.Estimate | None) -> list[Any]:
+  return ['', '', '', ''] if est is None else [est.mean, est.noise, est.seeds, ' '.join(est.picks)]
+
+
+def write_budget_files(bd: BudgetData, folder: Path) -> list[Path]:
+  """verdicts.json (records, runs present and missing, facts), and when the budget has data: budgets.csv, the
+  figures and, except for round 1 (whose archive is its data file), query_tables.csv."""
+  folder.mkdir(parents=True, exist_ok=True)
+  written = [write_verdicts_json(bd, folder / 'verdicts.json')]
+  if not bd.run_rows:
     return written
-  grid = budgets(tables)
-
-  # Data files.
-  write_rows_csv(tables, data_dir / 'query_tables.csv')
-  written.append(data_dir / 'query_tables.csv')
-  budget_rows = []
-  for mflops, source in grid:
-    row = {'mflops': mflops, 'source': source}
-    for m in METHODS:
-      if m in tables:
-        p = at_budget(for_budgets(tables, m), mflops)
-        row[m] = dataclasses.asdict(p)
-    budget_rows.append(row)
-  with open(data_dir / 'budgets.csv', 'w', newline='') as f:
+  if bd.budget.round != 1:  # round 1's rows are its archive (benchmarks/reproduce/round1/query_tables.csv)
+    by_name = runs_lib.by_name()
+    with open(folder / 'query_tables.csv', 'w', newline='') as f:
+      w = csv.writer(f)
+      w.writerow(['method', 'seed'] + list(query.COLUMNS))
+      for name, rows in bd.run_rows.items():
+        w.writerows([by_name[name].label, by_name[name].seed] + [getattr(r, c) for c in query.COLUMNS] for r in rows)
+    written.append(folder / 'query_tables.csv')
+  present = [s for s in SERIES if bd.tables.get(s)]
+  with open(folder / 'budgets.csv', 'w', newline='') as f:
     w = csv.writer(f)
-    present = [m for m in METHODS if m in tables]
-    w.writerow(['mflops', 'source'] + [f'{m} {k}' for m in present for k in ('mean_top1', 'half_range', 'seeds',
-                                                                          'configs')])
-    for row in budget_rows:
-      w.writerow([row['mflops'], row['source']] + [x for m in present for x in (
-          row[m]['mean'], row[m]['half_range'], row[m]['n'], ' '.join(row[m]['configs']))])
-  written.append(data_dir / 'budgets.csv')
-  verdict_lines, verdict_data = verdicts(tables, grid)
-  (data_dir / 'summary.json').write_text(json.dumps(
-      {'budgets': budget_rows, 'verdicts': verdict_data, 'runs': status, 'training_fit': training_fit(out),
-       'seed_means': {m: [dict(width=r.width, resolution=r.resolution, macs=r.macs, top1=r.top1,
-                               half_range=mean_rows(t)[1][r.width, r.resolution][1],
-                               seeds=mean_rows(t)[1][r.width, r.resolution][2]) for r in mean_rows(t)[0]]
-                      for m, t in tables.items()}}, indent=1))
-  written.append(data_dir / 'summary.json')
+    w.writerow(['mflops', 'source'] + [f'{s} {k}' for s in present for k in ('mean_top1', 'noise', 'seeds', 'configs')])
+    for row in budget_rows(bd):
+      w.writerow([row['mflops'], row['source']] + [x for s in present for x in _estimate_fields(row[s])])
+  written.append(folder / 'budgets.csv')
+  written.append(overlay_figure(bd, folder / 'overlay.png'))
+  if bd.tables.get('MutualNet'):
+    written.append(fig5(bd, folder / 'mutualnet_fig5.png'))
+  return written
 
-  # Figures.
-  written.append(overlay_figure(tables, data_dir / 'overlay.png'))
-  if 'MutualNet' in tables:
-    rows, _ = mean_rows(tables['MutualNet'])
-    written.append(plots.accuracy_macs(rows, data_dir / 'mutualnet_fig5.png',
-                                       title=f'MutualNet, mean of {len(tables["MutualNet"])} seed(s): '
-                                             'configurations by resolution'))
-  if 'US-Net+' in tables:
-    rows, _ = mean_rows(tables['US-Net+'])
-    written.append(plots.accuracy_macs(rows, data_dir / 'usnet_plus_fig5.png',
-                                       title=f'US-Net evaluated at every resolution (US-Net+), mean of '
-                                             f'{len(tables["US-Net+"])} seed(s)'))
 
-  # Markdown.
+def write_verdicts_json(bd: BudgetData, path: Path) -> Path:
+  path.write_text(json.dumps({
+      'round': bd.budget.round, 'budget': bd.budget.name, 'rule': vd.RULE, 'k': vd.K,
+      'eval_images': bd.eval_images, 'eval_images_from': bd.eval_images_from,
+      'runs': {'present': list(bd.run_rows), 'missing': bd.missing}, 'facts': bd.facts, 'facts_from': bd.facts_from,
+      'training_fit': bd.fit, 'verdicts': [v.as_dict() for v in bd.verdicts]}, indent=1))
+  return path
+
+
+def write_verdicts_csv(data: Sequence[BudgetData], path: Path) -> Path:
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['round', 'budget', 'claim', 'kind', 'a', 'b', 'status', 'held', 'not_held', 'inconclusive',
+                'margins', 'noise', 'k'])
+    for v in (v for bd in data for v in bd.verdicts):
+      w.writerow([v.round, v.budget, v.claim, v.kind, v.a, v.b, v.status, v.held, v.not_held, v.inconclusive,
+                  ' '.join(f'{m:.5f}' for m in v.margins), ' '.join(f'{s:.5f}' for s in v.noise), v.k])
+  return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Markdown.
+
+def _pct(x: float) -> str:
+  return f'{100 * x:.2f}'
+
+
+def _est(est: vd.Estimate | None, picks: bool = False) -> str:
+  """'mean ± sigma (seeds)', or with the configurations picked instead of the seed count."""
+  if est is None:
+    return '—'
+  return f'{_pct(est.mean)} ± {_pct(est.noise)} ({", ".join(est.picks) if picks else est.seeds})'
+
+
+def _comparison(c: vd.Comparison) -> str:
+  seeds = f', seeds {c.seeds_a} vs {c.seeds_b}' if c.seeds_a and c.seeds_b else ''
+  return (f'{c.where}: {_pct(c.a)} vs {_pct(c.b)}, Δ {100 * c.diff:+.2f} '
+          f'(threshold ±{100 * vd.K * c.noise:.2f}{seeds}) {c.status}')
+
+
+def render_verdict(v: vd.Verdict) -> str:
+  n = len(v.comparisons)
+  counts = f' ({v.held} held, {v.not_held} not held, {v.inconclusive} inconclusive of {n})' if n > 1 else ''
+  if v.claim == 'widths':
+    dips = [c for c in v.comparisons if c.status == vd.NOT_HELD]
+    return (f'Width profile of {v.a} (context; each swept width against the next narrower one): '
+            f'{len(dips)} dip(s) beyond the noise over {n} width steps ({v.status})'
+            + (': ' + '; '.join(_comparison(c) for c in dips) if dips else '') + '.')
+  if v.kind == 'context':
+    return f'{v.a} — {vd.CLAIMS[v.claim]}{counts}: ' + '; '.join(map(_comparison, v.comparisons)) + '.'
+  return f'**Claim {v.claim} — {vd.CLAIMS[v.claim]}: {v.status}**{counts}. ' + '; '.join(
+      map(_comparison, v.comparisons)) + '.'
+
+
+def _fact_value(values: list[Any]) -> str:
+  def one(v: Any) -> str:
+    return ', '.join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+  return ' / '.join(f'`{one(v)}`' for v in values)
+
+
+def render_setup(bd: BudgetData) -> list[str]:
+  shown = [f'{label} {_fact_value(bd.facts[key])}' for key, label in FACTS if key in bd.facts]
+  lines = [f'- **Settings** (from {bd.facts_from}): ' + '; '.join(shown) + '.']
+  if bd.budget.round == 1:
+    lines.append('- **Then the library\'s defaults**: ' + '; '.join(
+        f'{k}: {v}' for k, v in runs_lib.ROUND1.described.items()) + '.')
+  if bd.eval_images:
+    lines.append(f'- **Eval images** N = {bd.eval_images} ({bd.eval_images_from}).')
+  every = [r for rows in bd.run_rows.values() for r in rows]
+  if every:
+    full = max(every, key=lambda r: r.macs)
+    cheap = min(every, key=lambda r: r.macs)
+    lines.append(f'- **Cost** (from the tables): {vd.config_name(full.width, full.resolution)} '
+                 f'{full.macs / 1e6:.2f} MFLOPs down to {vd.config_name(cheap.width, cheap.resolution)} '
+                 f'{cheap.macs / 1e6:.2f} MFLOPs ({full.macs / cheap.macs:.0f}x).')
+  seeds = {s: len(bd.tables[s]) for s in SERIES if bd.tables.get(s) and s not in ('US-Net+', 'Independent')}
+  if bd.tables.get('Independent'):
+    per = collections.Counter((r.width, r.resolution) for rows in bd.tables['Independent'].values() for r in rows)
+    groups = collections.Counter(per.values())
+    seeds['Independent'] = ', '.join(f'{n} for {groups[n]} configuration(s)' for n in sorted(groups, reverse=True))
+  lines.append('- **Seeds**: ' + '; '.join(f'{s} {n}' for s, n in seeds.items()) + '.')
+  lines.append(f'- **Runs**: {len(bd.run_rows)} swept' + (
+      f'; **missing** (not trained or not swept yet): {", ".join(bd.missing)}' if bd.missing else '') + '.')
+  return lines
+
+
+def render_budget_table(bd: BudgetData) -> list[str]:
+  present = [s for s in SERIES if bd.tables.get(s)]
+  lines = ['| MFLOPs | configuration | ' + ' | '.join(present) + ' |', '|---:|---|' + '---|' * len(present)]
+  for row in budget_rows(bd):
+    lines.append(f'| {row["mflops"]:.2f} | {row["source"]} | '
+                 + ' | '.join(_est(row[s], picks=True) for s in present) + ' |')
+  return lines
+
+
+def render_config_table(bd: BudgetData) -> list[str]:
+  present = [s for s in ('Independent', 'MutualNet', 'US-Net+', 'Diagnostic') if bd.tables.get(s)]
+  points = {s: vd.per_config(bd.tables[s], bd.eval_images) for s in present}
+  keys = sorted(set().union(*points.values()), key=lambda k: (-k[1], -k[0]))
+  lines = ['| config | MFLOPs | ' + ' | '.join(present) + ' |', '|---|---:|' + '---:|' * len(present)]
+  for k in keys:
+    macs = next(points[s][k][0] for s in present if k in points[s])
+    lines.append(f'| {vd.config_name(*k)} | {macs / 1e6:.2f} | '
+                 + ' | '.join(_est(points[s][k][1]) if k in points[s] else '—' for s in present) + ' |')
+  return lines
+
+
+def render_fit(bd: BudgetData) -> list[str]:
+  """Training fit against test accuracy of the labelled network (the full one of MutualNet/US-Net runs)."""
+  if not bd.fit:
+    return []
+  lines = ['| run | step | train top-1 (%) | train CE | test top-1 (%) | train − test |',
+           '|---|---:|---:|---:|---:|---:|']
+  for f in bd.fit:
+    rows = bd.run_rows[f['run']]
+    test = next(r.top1 for r in rows if (r.width, r.resolution) == full_config(rows))
+    lines.append(f'| {f["run"]} | {f["step"]} | {_pct(f["train_accuracy"])} | {f["train_ce"]:.3f} | {_pct(test)} | '
+                 f'{100 * (f["train_accuracy"] - test):+.2f} |')
+  return lines
+
+
+def render_budget(bd: BudgetData, docs: Path, folder: Path) -> list[str]:
+  rel = os.path.relpath(folder, docs)
+  md = [f'## {bd.title}: {bd.budget.purpose}', '']
+  if not bd.run_rows:
+    return md + [f'No run of this budget has been swept yet ({len(bd.missing)} listed in runs.py): nothing to '
+                 'report.', '']
+  md += [*render_setup(bd), '', '### Verdicts', '']
+  claims = [v for v in bd.verdicts if v.kind == 'claim']
+  md += [f'- {render_verdict(v)}' for v in claims] or ['- No claim can be checked: a compared method has no run.']
+  md += [f'- {render_verdict(v)}' for v in bd.verdicts if v.kind == 'context']
+  md += ['', '### Figures', '', f'![overlay]({rel}/overlay.png)'
+         + (f' ![MutualNet Fig. 5]({rel}/mutualnet_fig5.png)' if bd.tables.get('MutualNet') else ''), '',
+         '### Accuracy at matched MACs budgets', '',
+         'Best top-1 (%) within each budget (the MACs of every configuration present), picked per seed (for the '
+         'independent networks: the best seed mean), mean ± sigma, and the configurations picked.', '',
+         *render_budget_table(bd), '', '### Same configuration, different training', '',
+         'Top-1 (%) of one configuration taken from each model: mean ± sigma (seeds).', '', *render_config_table(bd)]
+  fit = render_fit(bd)
+  if fit:
+    md += ['', '### Training fit of the labelled network', '',
+           'Top-1 and cross-entropy on the augmented training batches of the last logged interval (training logs) '
+           'against the test top-1 of the same configuration; a large positive train − test is over-fitting.', '',
+           *fit]
+  return md + ['']
+
+
+def render_overview(data: Sequence[BudgetData]) -> list[str]:
+  with_data = [bd for bd in data if bd.verdicts]
+  empty = [bd.title for bd in data if not bd.verdicts]
+  note = [f'No data yet: {", ".join(empty)}.'] if empty else []
+  if not with_data:
+    return note
+  header = '| claim | ' + ' | '.join(bd.title for bd in with_data) + ' |'
+  lines = [header, '|---|' + '---|' * len(with_data)]
+  for claim in (c for c in vd.CLAIMS if c not in ('diagnostic', 'widths')):
+    cells = []
+    for bd in with_data:
+      v = next((v for v in bd.verdicts if v.claim == claim), None)
+      cells.append('—' if v is None else f'**{v.status}** ({v.held}/{len(v.comparisons)} held)')
+    lines.append(f'| {claim}: {vd.CLAIMS[claim]} | ' + ' | '.join(cells) + ' |')
+  return lines + ([''] + note if note else [])
+
+
+def _commands(data: Sequence[BudgetData], timings: dict) -> list[str]:
+  out = []
+  for bd in data:
+    for name in list(bd.run_rows) + bd.missing:
+      t = timings.get('runs', {}).get(name, {})
+      out += [t[phase][-1]['command'].replace(str(REPO) + '/', '') for phase in ('train', 'sweep') if t.get(phase)]
+  return out
+
+
+def render_timings(data: Sequence[BudgetData], timings: dict) -> list[str]:
+  lines = ['| run | training wall (s) | steps | s/step | sweep wall (s) | attempts (train/sweep) |',
+           '|---|---:|---:|---:|---:|---:|']
+  total = 0.0
+  for bd in data:
+    for name in list(bd.run_rows) + bd.missing:
+      t = timings.get('runs', {}).get(name)
+      if not t:
+        continue
+      train, sweep = (sum(a['seconds'] for a in t.get(p, [])) for p in ('train', 'sweep'))
+      steps = sum((a.get('to_step') or 0) - (a.get('from_step') or 0) for a in t.get('train', []))
+      total += train + sweep
+      lines.append(f'| {name} | {train:.0f} | {steps} | {train / steps if steps else float("nan"):.2f} | '
+                   f'{sweep:.0f} | {len(t.get("train", []))}/{len(t.get("sweep", []))} |')
+  if len(lines) == 2:
+    return ['No wall times recorded in timings.json yet.']
+  return lines + [f'| **total** | {total:.0f} s = {total / 3600:.1f} h | | | | |']
+
+
+def _paper_span() -> str:
+  """The MACs span of the paper's MobileNet v1 grid (configs/mobilenet_v1_imagenet.py), computed."""
+  try:
+    from configs import mobilenet_v1_imagenet  # pylint: disable=g-import-not-at-top
+    from mutualnet_jax import profile  # pylint: disable=g-import-not-at-top
+    c = mobilenet_v1_imagenet.get_config()
+    (lo, hi), res = c.width_range, c.resolutions
+    p = {(x.width, x.resolution): x.macs for x in profile.profile_grid(c.model, [lo, hi], [min(res), max(res)])}
+    return (f'the paper\'s MobileNet v1 grid on {c.dataset} (configs/mobilenet_v1_imagenet.py), '
+            f'{vd.config_name(lo, min(res))} to {vd.config_name(hi, max(res))}: '
+            f'{p[hi, max(res)] / p[lo, min(res)]:.0f}x')
+  except Exception as e:  # pylint: disable=broad-except
+    return f'(the paper\'s grid could not be profiled: {type(e).__name__})'
+
+
+def render_limitations(data: Sequence[BudgetData]) -> list[str]:
+  lines = [f'- Verdicts use the noise the data show ({vd.RULE}; K = {vd.K:g}). With 2 seeds the seed term is '
+           'itself a rough estimate; "inconclusive" means the seeds run so far cannot separate the methods, not that '
+           'they are equal.',
+           '- A single-seed series has no seed term, only the binomial error: its verdicts understate the noise.',
+           '- Equal training steps and images for every method, as in the paper, but not equal compute: MutualNet '
+           'and US-Net update the shared weights through several sub-networks per step (`sub-networks per step` in '
+           'each setup), an independent network through one.']
+  spans = []
+  for bd in (bd for bd in data if bd.run_rows):
+    every = [r for rows in bd.run_rows.values() for r in rows]
+    spans.append(f'{bd.title}: inputs up to {max(r.resolution for r in every)} px, '
+                 f'{max(r.macs for r in every) / min(r.macs for r in every):.0f}x')
+  if spans:
+    lines.append(f'- A small-input model: the MACs span here ({"; ".join(spans)}) against {_paper_span()}.')
+  return lines
+
+
+def render_results(data: Sequence[BudgetData], timings: dict, docs: Path, folders: dict[str, Path]) -> str:
   invocations = timings.get('invocations', [])
   commits = sorted({i['commit'] for i in invocations})
-  dirty = sorted({d for i in invocations for d in i.get('dirty_library_files', [])})
-  timing_lines, total = _timing_rows(timings)
-  present = [m for m in METHODS if m in tables]
-  c = runs_lib.COMMON
-  md = [
-      '# Reproducing MutualNet\'s claims at CPU scale (Fashion-MNIST)',
-      '',
-      f'_Generated by `benchmarks/reproduce/run.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} '
-      'UTC from the runs\' query tables; do not edit by hand (re-run the command below)._',
-      '',
-      '## Setup',
-      '',
-      '- **Data**: Fashion-MNIST (offline raw files, `MUTUALNET_FASHION_MNIST_DIR`), 60k train / 10k test; top-1 on '
-      'the full 10k test split. BN statistics of every (width, resolution) are recalibrated on 2000 training images '
-      'before evaluation (the sweep), for every method alike.',
-      '- **Model**: MobileNet v1, small-input variant (`num_downsample=4`), parameters at width 1.0; sub-networks '
-      'are the first `width x channels` of every layer. Full network 1.0@28: '
-      + (f'{next(r.macs for rs in tables[present[0]].values() for r in rs if (r.width, r.resolution) == FULL) / 1e6:.2f}'
-         if any((r.width, r.resolution) == FULL for rs in tables[present[0]].values() for r in rs) else '?')
-      + ' MFLOPs (multiply-adds).',
-      f'- **Same training budget for every run**: {c["num_epochs"]:g} epoch{"s" * (c["num_epochs"] != 1)} = {int(c["num_epochs"] * (60000 // c["batch_size"]))} '
-      f'steps of batch {c["batch_size"]}, SGD Nesterov momentum 0.9, lr {c["learning_rate"]} after a '
-      f'{c["warmup_epochs"]}-epoch linear warm-up, then cosine decay, '
-      f'weight decay {c["weight_decay"]}, pad-crop + flip augmentation; seeds as listed. Only `config.method` (and '
-      'for independent networks the one width/resolution) differs.',
-      '- **MutualNet**: each step trains the full network (1.0@28, labels) plus min width 0.25 and 2 random widths '
-      '(grid step 0.25), each at a resolution drawn from {28, 24, 20, 16}, distilled from the full network '
-      '(in-place distillation, KL).',
-      '- **US-Net**: the same sandwich of widths and distillation, all at 28 px. **US-Net+**: the US-Net model '
-      'evaluated at every resolution (28, 24, 20, 16), i.e. the paper\'s "US-Net + resolution at test time".',
-      '- **Independent**: one network per (width, resolution), trained alone with labels; it does 1 forward/backward '
-      'per step where MutualNet/US-Net do 4 (same steps, epochs and images; as in the paper, the budget is the '
-      'training schedule, not the FLOPs).',
-      *([f'- **Longer schedule** (claim 4 only): MutualNet seed 0 and the independent 1.0@28 network seed 0 '
-         f'again with `--config.num_epochs={runs_lib.LONG_EPOCHS}`, everything else unchanged.']
-        if all(m in tables for m in runs_lib.LONGER) else []),
-      *([f'- **Diagnostic** ({runs_lib.ABLATION}): MutualNet with `--config.inplace_distillation=False` (every '
-         'sub-network learns from the labels), to test whether distilling from a not yet converged full network explains '
-         'the gap to the independent networks. Not part of the claims.'] if runs_lib.ABLATION in tables else []),
-      '- Sweep grid for MutualNet and US-Net: widths {1.0, 0.75, 0.5, 0.25} x resolutions {28, 24, 20, 16} (the '
-      'whole trained width grid). Independent networks: their own configuration only.',
-      f'- **Runs present**: {", ".join(status["present"])}.'
-      + (f' **Not run (time budget)**: {", ".join(status["missing"])}.' if status['missing'] else ''),
-      f'- **Commit** of the code the runs used: {", ".join(f"`{x}`" for x in commits) or "unknown"}; report '
-      f'generated at `{_git("rev-parse", "HEAD")}`.'
-      + (f' Library files had uncommitted edits while runs started ({"; ".join(f"`{d.strip()}`" for d in dirty)}).'
-         if dirty else ''),
-      '- Machine: 2 CPU cores (no accelerator), shared with other jobs during the runs, so wall times are upper '
-      'bounds.',
-      '',
-      '## Commands',
-      '',
-      'Everything (training resumes; finished trainings and current sweeps are skipped), in the background:',
-      '',
-      '```',
-      'export MUTUALNET_FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist',
-      'nohup python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce > reproduce.log 2>&1 &',
-      'python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce --report_only   # figures + this file',
-      '```',
-      '',
-      'The individual commands it ran (last attempt of each; the run list is `benchmarks/reproduce/runs.py`):',
-      '',
-      '```',
-      *_commands(timings),
-      '```',
-      '',
-      '## Wall times (2 shared CPU cores)',
-      '',
-      *timing_lines,
-      '',
-      'Pipeline invocations: ' + '; '.join(f'{i["start"]} → {i.get("end", "(interrupted or running)")}'
-                                         + (f' ({i["seconds"] / 60:.1f} min)' if 'seconds' in i else '')
-                                         for i in invocations) + '.',
-      '',
-      '## Figures',
-      '',
-      'Accuracy–MFLOPs of every method (Figs. 4/6 of the paper): lines are Pareto frontiers of the seed-averaged '
-      'configurations, error bars the half-range over seeds, faint dots every (seed, configuration); stars the '
-      'independently trained networks, the dotted line and labels their frontier. Log x axis.',
-      '',
-      '![overlay](reproduce/overlay.png)',
-      '',
-      'MutualNet\'s configurations coloured by resolution (Fig. 5 of the paper), seed means, with the Pareto frontier; '
-      'and the same for the US-Net model (US-Net+) for comparison:',
-      '',
-      '![MutualNet Fig. 5](reproduce/mutualnet_fig5.png) ![US-Net+](reproduce/usnet_plus_fig5.png)',
-      '',
-      '## Accuracy at matched MACs budgets',
-      '',
-      'Best top-1 (%) among configurations with MACs ≤ the budget, chosen per seed, then mean ± half-range over '
-      'seeds (no ± for a single seed); the configuration(s) picked as width@resolution. Budgets: the MACs of each '
-      'width at 28 px (= US-Net\'s own configurations and the independent networks at 28 px), of any other '
-      'independent network, plus fixed ones in between. "—": no configuration fits.',
-      '',
-      '| MFLOPs | budget from | ' + ' | '.join(present) + ' |',
-      '|---:|---|' + '---|' * len(present),
-  ]
-  for row in budget_rows:
-    cells = []
-    for m in present:
-      p = row[m]
-      cells.append('—' if p['mean'] is None else
-                   f'{_pct(p["mean"], p["half_range"], p["n"])} ({", ".join(p["configs"])})')
-    md.append(f'| {row["mflops"]:.2f} | {row["source"]} | ' + ' | '.join(cells) + ' |')
-  md += ['', '## Same configuration, different training', '',
-         'Top-1 (%) of one (width, resolution) taken from each model (seed mean ± half-range).', '',
-         '| config | MFLOPs | Independent (seeds) | MutualNet | US-Net / US-Net+ |', '|---|---:|---:|---:|---:|']
-  for x in verdict_data.get('same_config_vs_independent', []):
-    md.append(f'| {x["config"]} | {x["mflops"]:.2f} | '
-              f'{_pct(x["independent"], x["independent_half_range"], x["independent_seeds"])} ({x["independent_seeds"]}) | '
-              f'{_pct(x["mutualnet"], x["mutualnet_half_range"], x["mutualnet_seeds"])} | '
-              f'{_pct(x["usnet"], x["usnet_half_range"], x["usnet_seeds"])} |')
-  accs = [r.top1 for t in tables.values() for rs in t.values() for r in rs]
-  acc_lo, acc_hi, n_test = min(accs), max(accs), 10_000
-  se = lambda p: (p * (1 - p) / n_test) ** 0.5  # noqa: E731
-  se_lo, se_hi = sorted((se(acc_lo), se(acc_hi)))
-  se_hi = max(se_hi, se(0.5) if acc_lo <= 0.5 <= acc_hi else se_hi)
-  macs_full = {r.resolution: r.macs for t in tables.values() for rs in t.values() for r in rs if r.width == 1.0}
-  every_macs = [r.macs for t in tables.values() for rs in t.values() for r in rs]
-  macs_span = max(every_macs) / min(every_macs)
-  paper = {(p.width, p.resolution): p.macs for p in profile.profile_grid(
-      dict(name='mobilenet_v1', num_classes=1000, num_downsample=5), [0.25, 1.0], [128, 224])}
-  paper_span = paper[1.0, 224] / paper[0.25, 128]
-  fit = [f for f in training_fit(out) if f['run'] in status['present']]  # finished and swept runs only
-  if fit:
-    md += ['', '## Training-set fit of the labelled network', '',
-           'From the training logs: top-1 and cross-entropy of the network trained with labels (1.0@28 for MutualNet '
-           'and US-Net; the one network of an independent run) on the augmented training batches of the last logged '
-           'interval (the last `log_every_steps` steps or fewer), and the norm of the (summed) gradient. A lower '
-           'training accuracy means the network is further from fitting the data at the end of the budget.', '',
-           '| run | step | train top-1 (%) | train CE | gradient norm |', '|---|---:|---:|---:|---:|']
-    md += [f'| {f["run"]} | {f["step"]} | {100 * f["train_accuracy"]:.2f} | {f["train_ce"]:.3f} | '
-           f'{f["grad_norm"]:.2f} |' for f in fit]
-  by_name = {r.name: r for r in runs_lib.RUNS}
-  full_fit = {k: [f['train_accuracy'] for f in fit if f['run'].startswith(k) and not by_name[f['run']].tag]
-              for k in ('mutualnet', 'usnet', f'independent_w{FULL[0]:g}_r{FULL[1]}')}
-  if runs_lib.ABLATION in tables and 'MutualNet' in tables:
-    abl, _ = mean_rows(tables[runs_lib.ABLATION])
-    _, mspread = mean_rows(tables['MutualNet'])
-    _, ispread = mean_rows(tables['Independent']) if 'Independent' in tables else (None, {})
-    top = max(runs_lib.SWEEP_RESOLUTIONS)
-    cells, gains = [], []
-    for r in sorted((r for r in abl if r.resolution == top), key=lambda r: -r.width):
-      key = (r.width, r.resolution)
-      ind = ispread.get(key)
-      gains.append((100 * (r.top1 - mspread[key][0]), 100 * mspread[key][1]))
-      cells.append(f'{r.width:g}@{top}: {100 * r.top1:.2f} vs MutualNet {100 * mspread[key][0]:.2f}'
-                   + (f' vs independent {100 * ind[0]:.2f}' if ind else ''))
-    above = [g for g, _ in gains if g > 0]
-    beyond_spread = min(g for g, _ in gains) > max(h for _, h in gains)  # every width, by more than the seed noise
-    verdict_lines.append(
-        f'Diagnostic ({runs_lib.ABLATION}, {len(tables[runs_lib.ABLATION])} seed(s); sub-networks trained on the '
-        'labels instead of the full network\'s prediction, everything else as MutualNet; not one of the paper\'s '
-        'methods): ' + '; '.join(cells) + f'. Without in-place distillation the model is above MutualNet\'s seed '
-        f'mean at {len(above)}/{len(gains)} of these widths (differences {min(g for g, _ in gains):+.2f} to '
-        f'{max(g for g, _ in gains):+.2f} pts, against a MutualNet seed half-range of up to '
-        f'±{max(h for _, h in gains):.2f})' + (': at this budget, distilling from the not yet converged full '
-                                                'network costs accuracy rather than adding it' if beyond_spread
-                                                else '') + '.')
-  m, u, i = (100 * float(np.mean(v)) if v else float('nan') for v in full_fit.values())
-  abl_fit = [100 * f['train_accuracy'] for f in fit if by_name[f['run']].tag == runs_lib.ABLATION]
-  if i > m:  # (False when a value is missing: NaN compares False)
-    if abl_fit and abl_fit[0] >= i - (i - m) / 2:
-      # The diagnostic shares the weights the same way but without distillation: if its full network fits about as
-      # well as the independent one, weight sharing itself is not what slows MutualNet's full network.
-      reading = (f' and {abl_fit[0]:.1f}% ({runs_lib.ABLATION}), means over seeds (training-fit table below). The '
-                 'diagnostic shares the weights across the same widths and resolutions and still fits about as well '
-                 'as the independent network (one seed), so weight sharing alone does not explain the gap; it points '
-                 'at distilling from a not yet converged full network instead')
-    else:
-      reading = (', means over seeds (training-fit table below). That is consistent with the shared weights being '
-                 'pulled towards narrower, lower-resolution sub-networks slowing the full network\'s fitting in this '
-                 'short schedule')
-    verdict_lines.append(
-        f'Context for claim 4: at the end of the budget the labelled full network fits the augmented training '
-        f'batches to {m:.1f}% (MutualNet), {u:.1f}% (US-Net), {i:.1f}% (independent 1.0@28)' + reading +
-        '. The paper\'s claim is about converged training, where it argues that sharing acts as a regulariser. '
-        'What was tried: '
-        f'the same schedule and seeds for all methods, {len(full_fit["mutualnet"])} MutualNet seed(s) and '
-        f'{len(full_fit[f"independent_w{FULL[0]:g}_r{FULL[1]}"])} independent seed(s); no per-method tuning'
-        + ('; and the in-place-distillation diagnostic above' if runs_lib.ABLATION in tables else '')
-        + (f'; and a {runs_lib.LONG_EPOCHS}-epoch schedule for both (the claim-4 line above)'
-           if all(m in tables for m in runs_lib.LONGER) else '')
-        + '. Not tried (time): a schedule near convergence, e.g. `--config.num_epochs=20` for MutualNet and the '
-        f'independent 1.0@28 network (about '
-        f'{_hours_for(timings, 20, "mutualnet_s0", f"independent_w{FULL[0]:g}_r{FULL[1]}_s0")} on these 2 cores, '
-        'from this run\'s training times).')
-  for method in ('MutualNet', 'US-Net+'):
-    if len(tables.get(method, {})) > 1:
-      _, sp = mean_rows(tables[method])
-      key = max(sp, key=lambda k: sp[k][1])
-      values = [f'seed {seed}: {100 * r.top1:.2f}' for seed, rows in sorted(tables[method].items()) for r in rows
-                if (r.width, r.resolution) == key]
-      verdict_lines.append(f'Largest seed disagreement of {method.rstrip("+")}: {key[0]:g}@{key[1]} '
-                           f'({", ".join(values)})'
-                           + ('; the narrowest width is the least stable across seeds at this budget.'
-                              if key[0] == min(runs_lib.SWEEP_WIDTHS) else '.'))
-  verdict_block = ['## Verdicts, claim by claim', '', *[f'- {l}' for l in verdict_lines], '',
-         f'Noise scale: with {n_test} test images the binomial standard error of one accuracy is '
-         f'{100 * se_lo:.2f}–{100 * se_hi:.2f} points over the accuracies measured here ({100 * acc_lo:.1f}–'
-         f'{100 * acc_hi:.1f}%); the seed half-ranges above show the training noise. Differences '
-         'smaller than these are not evidence either way.', '']
-  md[4:4] = verdict_block  # right after the title: the answer first, the evidence below
-  fit_acc = [f['train_accuracy'] for f in fit] or [float('nan')]
-  md += ['', '## Limitations', '',
-         f'- {c["num_epochs"]:g} epoch{"s" * (c["num_epochs"] != 1)} of training ({int(c["num_epochs"] * (60000 // c["batch_size"]))} steps) on '
-         '2 CPU cores: far from convergence (the paper trains 250 epochs on ImageNet); only claim 4 was re-checked '
-         f'with {runs_lib.LONG_EPOCHS} epochs, one seed. Rankings at this budget need not hold at convergence and '
-         'vice versa.',
-         f'- At this budget every network is far from converged: the best configuration of any run reaches '
-         f'{100 * acc_hi:.1f}% top-1, and the labelled networks fit their augmented training batches to only '
-         f'{100 * min(fit_acc):.1f}–{100 * max(fit_acc):.1f}% (training-fit table): under-fitted, not '
-         'converged. MutualNet and US-Net update '
-         'the shared weights through 4 sub-networks per step (summed gradients) and the independent networks '
-         'through 1: equal steps and images, as in the paper, but not equal compute, and a comparison in the early, '
-         'under-fitted phase of training says little about the converged one the paper reports.',
-         '- Fashion-MNIST at 28 px and below, not ImageNet at 224 px; the resolution range (28→16) and width range '
-         f'(0.25–1.0) span {macs_span:.0f}x in MACs here (the paper\'s MobileNet v1 grid, 0.25@128 to 1.0@224, '
-         f'spans {paper_span:.0f}x).',
-         '- MACs of width 1.0 at ' + '/'.join(str(r) for r in runs_lib.SWEEP_RESOLUTIONS) + ' px: ' + '/'.join(
-             f'{macs_full.get(r, float("nan")) / 1e6:.2f}' for r in runs_lib.SWEEP_RESOLUTIONS) + ' M. With 4 '
-         'stride-2 layers and SAME padding the feature maps are rounded up at each stride, so neighbouring '
-         'resolutions can differ little in cost (e.g. 24 and 20 px both end at 2x2); the resolution axis gives '
-         'coarser cost steps than (r/28)^2 suggests.',
-         '- Widths on a 0.25 grid (4 widths) instead of the paper\'s 0.05; so US-Net has only 4 configurations and '
-         'between them its frontier is a step function; budgets equal to an independent network\'s MACs are the '
-         'like-for-like comparison.',
-         f'- {len(tables.get("MutualNet", {}))} seed(s) for MutualNet, {len(tables.get("US-Net", {}))} for US-Net, '
-         f'{_seed_counts(tables)} for the independent networks: a half-range over 2 seeds is a crude spread, not '
-         'a confidence interval.',
-         '- No per-method tuning: every method uses the same settings (the 0.1-epoch warm-up default was chosen '
-         'on the MutualNet quickstart, see configs/default.py).', '']
-  (docs / 'RESULTS.md').write_text('\n'.join(md))
+  md = ['# Reproducing MutualNet\'s claims at CPU scale', '',
+        f'_Generated by `benchmarks/reproduce/run.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} '
+        'UTC from the runs\' query tables and the round-1 archive; do not edit by hand (re-run the command '
+        'below)._', '',
+        '## Verdicts at a glance', '', *render_overview(data), '',
+        f'How a difference is judged (every claim, every round): {vd.RULE}; K = {vd.K:g}. Held / not held: the '
+        'difference is beyond K sigma in the claimed / the opposite direction; inconclusive: within it. A claim over '
+        'several budgets or configurations is held when all are held, not held when any is not held. Errors shown '
+        'as ± are 1 sigma.', '']
+  for bd in data:
+    md += render_budget(bd, docs, folders[bd.budget.key])
+  md += ['## Commands', '',
+         '```', 'export MUTUALNET_FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist',
+         'nohup python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce > reproduce.log 2>&1 &',
+         'python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce --report_only   # this file', '```', '',
+         'Round 1\'s workdirs and timings.json are gone; its rows are in `benchmarks/reproduce/round1/`, its wall '
+         'times and commands in the git history of this file. The commands run.py issued (last attempt of each; '
+         'run list: `benchmarks/reproduce/runs.py`):', '',
+         '<details><summary>commands</summary>', '', '```', *(_commands(data, timings) or ['(none recorded yet)']),
+         '```', '', '</details>', '',
+         f'Code of the runs: {", ".join(f"`{c}`" for c in commits) or "(no invocation recorded)"}; report generated '
+         f'at `{_git("rev-parse", "HEAD")}`.', '',
+         '## Wall times', '', *render_timings(data, timings), '',
+         '## Limitations', '', *render_limitations(data), '']
+  return '\n'.join(md)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# README summary.
+
+def readme_summary(data: Sequence[BudgetData], results_link: str) -> str:
+  lines = [f'Reproduction of the paper\'s claims at CPU scale ([{results_link}]({results_link}), regenerated by '
+           '`python benchmarks/reproduce/run.py --report_only`):', '']
+  lines += render_overview(data)
+  return '\n'.join(lines)
+
+
+def update_readme(readme: Path, summary: str) -> bool:
+  """Rewrites the text between README_MARKERS; leaves the file untouched (and says so) when they are absent."""
+  text = readme.read_text() if readme.exists() else ''
+  start, end = README_MARKERS
+  i, j = text.find(start), text.find(end)
+  if i < 0 or j < i:
+    print(f'report: {readme} has no {start} ... {end} markers: left untouched', file=sys.stderr)
+    return False
+  new = text[:i + len(start)] + '\n' + summary.strip() + '\n' + text[j:]
+  if new != text:
+    readme.write_text(new)
+  return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing.
+
+def write_report(out: Path, docs: Path, timings: dict, readme: Path | None = None,
+                 round1: Path = ROUND1_ARCHIVE) -> list[Path]:
+  """Loads every round, writes docs/reproduce/<round>_<budget>/ (data files, figures), docs/reproduce/verdicts.csv,
+  docs/RESULTS.md and, when given, the README's summary; returns the files written."""
+  data = load_all(out, timings, round1)
+  folders = {bd.budget.key: docs / 'reproduce' / bd.budget.key for bd in data}
+  written = [p for bd in data for p in write_budget_files(bd, folders[bd.budget.key])]
+  written.append(write_verdicts_csv(data, docs / 'reproduce' / 'verdicts.csv'))
+  (docs / 'RESULTS.md').write_text(render_results(data, timings, docs, folders))
   written.append(docs / 'RESULTS.md')
+  if readme is not None:
+    link = os.path.relpath(docs / 'RESULTS.md', readme.parent)
+    if update_readme(readme, readme_summary(data, link)):
+      written.append(readme)
   return written

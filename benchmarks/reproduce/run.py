@@ -1,14 +1,18 @@
-"""Reproduces the MutualNet paper's comparisons at CPU scale: trains, sweeps, plots and writes docs/RESULTS.md.
+"""Reproduces the MutualNet paper's comparisons at CPU scale: trains, sweeps, then writes the report.
 
-  python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce            # everything (resumes)
+  python benchmarks/reproduce/run.py --list                                          # what would run, in order
   nohup python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce > reproduce.log 2>&1 &
-  python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce --report_only   # figures + RESULTS.md
+  python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce --max_priority=1 --stop_after=18:00
+  python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce --report_only   # figures, RESULTS.md, README
 
-The run list lives in runs.py. Each run is trained with `main.py` (which resumes from its latest checkpoint and
-does nothing when finished), then swept with `main.py --mode=sweep` (skipped when its query table belongs to the
-latest checkpoint and holds every requested configuration). Every subprocess uses this interpreter
-(sys.executable); per-run wall times go to OUT/timings.json; logs to OUT/logs/. The report (report.py) reads only
-the workdirs' query tables and timings, so `--report_only` regenerates it without training.
+The run list lives in runs.py (rounds -> budgets -> runs; by default only the rounds marked run_by_default). Each
+run is trained with `main.py` (which resumes from its latest checkpoint), then swept with `main.py --mode=sweep`
+(skipped when its query table belongs to the latest checkpoint and holds every configuration the budget sweeps).
+Every subprocess uses this interpreter. OUT/timings.json records per run every attempt (start, seconds, exit
+status, steps, commit, command) and the facts the report quotes (settings from the workdir's config.json, the
+step count from the training log, image counts from the sweep summary and the dataset's split sizes); logs go
+to OUT/logs/. The report (report.py) reads only query tables, timings.json and round 1's archive, so
+`--report_only` regenerates it without training.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -28,6 +34,20 @@ sys.path.insert(0, str(HERE))
 import runs as runs_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 DEFAULT_DATA_DIR = '/usr/share/datasets/fashion-mnist'
+TRAINED = re.compile(r'Trained to step (\d+) of (\d+)')
+# What the report quotes from a workdir's config.json: {name: path in the config}.
+CONFIG_FACTS = {**{k: k for k in ('dataset', 'train_split', 'eval_split', 'augmentation', 'crop_scale',
+                                  'width_sampling', 'width_step', 'width_range', 'resolutions', 'num_subnets',
+                                  'num_epochs', 'batch_size', 'learning_rate', 'warmup_epochs', 'weight_decay',
+                                  'inplace_distillation', 'calibration_images')},
+                'model': 'model.name', 'num_downsample': 'model.num_downsample'}
+SWEEP_FACTS = ('eval_images', 'calibration_images', 'device')
+SPLIT_SIZES = """
+import json, sys
+from mutualnet_jax import input_pipeline, workdir
+info = input_pipeline.get_dataset_info(workdir.saved_config(sys.argv[1]))
+print(json.dumps({'train_images': info.num_train_examples, 'eval_split_images': info.num_eval_examples}))
+"""
 
 
 def now() -> str:
@@ -42,7 +62,7 @@ def git(*args: str) -> str:
 
 
 class Timings:
-  """OUT/timings.json: per run and phase, every attempt (start, seconds, exit status); rewritten atomically."""
+  """OUT/timings.json: per run, every attempt of each phase and the run's facts; rewritten atomically."""
 
   def __init__(self, path: Path):
     self.path = path
@@ -53,8 +73,11 @@ class Timings:
     tmp.write_text(json.dumps(self.data, indent=1))
     tmp.replace(self.path)
 
-  def record(self, run: str, phase: str, entry: dict) -> None:
-    self.data['runs'].setdefault(run, {}).setdefault(phase, []).append(entry)
+  def run(self, name: str) -> dict[str, Any]:
+    return self.data['runs'].setdefault(name, {})
+
+  def record(self, name: str, phase: str, entry: dict) -> None:
+    self.run(name).setdefault(phase, []).append(entry)
     self.save()
 
 
@@ -74,6 +97,16 @@ def latest_checkpoint(workdir: Path) -> int | None:
   return max(steps) if steps else None
 
 
+def logged_steps(log: Path) -> tuple[int, int] | None:
+  """(step reached, total steps) from the last 'Trained to step X of Y' main.py printed into the log."""
+  found = TRAINED.findall(log.read_text()) if log.exists() else []
+  return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+def log_path(out: Path, run: runs_lib.Run, phase: str) -> Path:
+  return out / 'logs' / f'{run.name}.{phase}.log'
+
+
 def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
   log.parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
@@ -84,44 +117,47 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
   return rc, time.perf_counter() - start
 
 
-def train(run: runs_lib.Run, out: Path, timings: Timings, env: dict) -> bool:
+def is_trained(run: runs_lib.Run, out: Path) -> bool:
+  """Finished: the training log says the last attempt reached its total, and that step is checkpointed."""
+  steps = logged_steps(log_path(out, run, 'train'))
+  return steps is not None and steps[0] == steps[1] == latest_checkpoint(out / run.name)
+
+
+def train(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str) -> bool:
   workdir = out / run.name
-  if latest_checkpoint(workdir) == run.steps:
-    print(f'[{now()}] {run.name}: trained ({run.steps} steps), skipping', flush=True)
+  if is_trained(run, out):
+    print(f'[{now()}] {run.name}: trained, skipping', flush=True)
     return True
   cmd = [sys.executable, 'main.py', run.config_arg(), f'--workdir={workdir}', *run.overrides()]
-  print(f'[{now()}] {run.name}: training (from step {latest_checkpoint(workdir) or 0})', flush=True)
-  started, from_step = now(), latest_checkpoint(workdir) or 0
-  rc, seconds = run_logged(cmd, out / 'logs' / f'{run.name}.train.log', env)
-  timings.record(run.name, 'train', {'start': started, 'seconds': round(seconds, 1), 'rc': rc,
+  from_step = latest_checkpoint(workdir) or 0
+  print(f'[{now()}] {run.name}: training (from step {from_step})', flush=True)
+  started = now()
+  rc, seconds = run_logged(cmd, log_path(out, run, 'train'), env)
+  steps = logged_steps(log_path(out, run, 'train')) if rc == 0 else None
+  timings.record(run.name, 'train', {'start': started, 'seconds': round(seconds, 1), 'rc': rc, 'commit': commit,
                                      'from_step': from_step, 'to_step': latest_checkpoint(workdir),
+                                     'total_steps': steps[1] if steps else None,
                                      'command': ' '.join(['python'] + cmd[1:])})
   print(f'[{now()}] {run.name}: training exit {rc} after {seconds:.0f} s', flush=True)
-  return rc == 0 and latest_checkpoint(workdir) == run.steps
+  return rc == 0 and is_trained(run, out)
 
 
 def sweep_is_current(run: runs_lib.Run, workdir: Path) -> bool:
   table = workdir / 'query_table.json'
-  if not table.exists():
-    return False
   try:
     data = json.loads(table.read_text())
-  except ValueError:
+  except (OSError, ValueError):
     return False
   step = latest_checkpoint(workdir)
-  if data.get('meta', {}).get('checkpoint_step') != step:
+  if step is None or data.get('meta', {}).get('checkpoint_step') != step:
     return False
   if table.stat().st_mtime < (workdir / 'checkpoints' / str(step)).stat().st_mtime:
     return False
   have = {(float(r['width']), int(r['resolution'])) for r in data['rows']}
-  if run.method == 'independent':
-    want = {(float(run.width), int(run.resolution))}
-  else:
-    want = {(float(w), int(r)) for w in runs_lib.SWEEP_WIDTHS for r in runs_lib.SWEEP_RESOLUTIONS}
-  return want <= have
+  return run.sweep_configs() <= have
 
 
-def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict) -> bool:
+def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str) -> bool:
   workdir = out / run.name
   if sweep_is_current(run, workdir):
     print(f'[{now()}] {run.name}: swept, skipping', flush=True)
@@ -130,24 +166,95 @@ def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict) -> bool:
          *run.sweep_args(), f'--latency_repeats={runs_lib.LATENCY_REPEATS}']
   print(f'[{now()}] {run.name}: sweeping', flush=True)
   started = now()
-  rc, seconds = run_logged(cmd, out / 'logs' / f'{run.name}.sweep.log', env)
-  timings.record(run.name, 'sweep', {'start': started, 'seconds': round(seconds, 1), 'rc': rc,
+  rc, seconds = run_logged(cmd, log_path(out, run, 'sweep'), env)
+  timings.record(run.name, 'sweep', {'start': started, 'seconds': round(seconds, 1), 'rc': rc, 'commit': commit,
                                      'checkpoint_step': latest_checkpoint(workdir),
                                      'command': ' '.join(['python'] + cmd[1:])})
   print(f'[{now()}] {run.name}: sweep exit {rc} after {seconds:.0f} s', flush=True)
   return rc == 0
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Facts for the report.
+
+def _read_json(path: Path) -> dict[str, Any]:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+class SplitSizes:
+  """Image counts of a run's training and eval splits, asked of the dataset builder (in a subprocess: JAX and
+  TensorFlow stay out of this driver), once per (dataset, data_dir, splits) in an invocation."""
+
+  def __init__(self, env: dict):
+    self.env, self.cache = env, {}
+
+  def __call__(self, workdir: Path, config: dict[str, Any]) -> dict[str, int]:
+    key = tuple(config.get(k) for k in ('dataset', 'data_dir', 'train_split', 'eval_split'))
+    if key not in self.cache:
+      done = subprocess.run([sys.executable, '-c', SPLIT_SIZES, str(workdir)], cwd=REPO, env=self.env,
+                            capture_output=True, text=True)
+      lines = done.stdout.strip().splitlines()
+      self.cache[key] = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+    return self.cache[key]
+
+
+def refresh_facts(run: runs_lib.Run, out: Path, timings: Timings, split_sizes: SplitSizes) -> None:
+  """Records what the report quotes about a run from its workdir (config.json, sweep_summary.json) and training
+  log; keeps what was recorded before (the workdir may have been cleaned since)."""
+  workdir = out / run.name
+  config = _read_json(workdir / 'config.json')
+  if not config:
+    return
+  facts = dict(timings.run(run.name).get('facts', {}))
+  for name, path in CONFIG_FACTS.items():
+    value = config
+    for part in path.split('.'):
+      value = value.get(part) if isinstance(value, dict) else None
+    if value is not None:
+      facts[name] = value
+  summary = _read_json(workdir / 'sweep_summary.json')
+  facts.update({k: summary[k] for k in SWEEP_FACTS if k in summary})
+  steps = logged_steps(log_path(out, run, 'train'))
+  if steps:
+    facts['total_steps'] = steps[1]
+  if 'train_images' not in facts:
+    facts.update(split_sizes(workdir, config))
+  if facts != timings.run(run.name).get('facts'):
+    timings.run(run.name)['facts'] = facts
+    timings.save()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', default='benchmarks/results/reproduce', help='Where the run workdirs go.')
   parser.add_argument('--docs', default=str(REPO / 'docs'), help='Where RESULTS.md and reproduce/ go.')
-  parser.add_argument('--report_only', action='store_true', help='Only regenerate figures, data files, RESULTS.md.')
-  parser.add_argument('--max_priority', type=int, default=4, help='Run only runs with priority <= this.')
-  parser.add_argument('--only', default='', help='Comma-separated run names (default: every run).')
+  parser.add_argument('--readme', default=str(REPO / 'README.md'),
+                      help='README whose summary (between its reproduce-summary markers) is rewritten; "" = none.')
+  parser.add_argument('--report_only', action='store_true', help='Only regenerate the report (no training).')
+  parser.add_argument('--list', action='store_true', help='Print the selected runs in order and exit.')
+  parser.add_argument('--rounds', default='', help='Comma-separated round numbers (default: the rounds runs.py '
+                      'marks run_by_default).')
+  parser.add_argument('--budgets', default='', help='Comma-separated budget names (default: every budget).')
+  parser.add_argument('--max_priority', type=int, default=None, help='Run only runs with priority <= this.')
+  parser.add_argument('--only', default='', help='Comma-separated run names (default: every selected run).')
   parser.add_argument('--stop_after', default='',
                       help='HH:MM (UTC): start no new training or sweep after this time; the report is still written.')
   args = parser.parse_args()
+
+  selected = runs_lib.select(rounds=[int(r) for r in args.rounds.split(',')] if args.rounds else None,
+                             budgets=args.budgets.split(',') if args.budgets else None,
+                             max_priority=args.max_priority, only=[n for n in args.only.split(',') if n])
+  if args.list:
+    for run in selected:
+      print(f'p{run.priority} {run.budget.key:<16} {run.name}: python main.py {run.config_arg()} '
+            f'{" ".join(run.overrides())}')
+    print(f'{len(selected)} runs')
+    return 0
 
   out = (REPO / args.out).resolve() if not os.path.isabs(args.out) else Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -155,35 +262,36 @@ def main() -> int:
   env = dict(os.environ)
   if 'MUTUALNET_FASHION_MNIST_DIR' not in env and os.path.isdir(DEFAULT_DATA_DIR):
     env['MUTUALNET_FASHION_MNIST_DIR'] = DEFAULT_DATA_DIR
-
+  split_sizes = SplitSizes(env)
   deadline = next_time(args.stop_after) if args.stop_after else None
 
   def too_late() -> bool:
     return deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline
 
   if not args.report_only:
-    only = set(filter(None, args.only.split(',')))
-    selected = [r for r in runs_lib.RUNS if r.priority <= args.max_priority and (not only or r.name in only)]
-    invocation = {'start': now(), 'commit': git('rev-parse', 'HEAD'), 'argv': sys.argv,
+    commit = git('rev-parse', 'HEAD')
+    invocation = {'start': now(), 'commit': commit, 'argv': sys.argv,
                   'dirty_library_files': [l for l in git('status', '--porcelain').splitlines()
                                           if any(p in l for p in ('mutualnet_jax/', 'main.py', 'configs/'))]}
     timings.data['invocations'].append(invocation)
     timings.save()
     wall = time.perf_counter()
-    for priority in sorted({r.priority for r in selected}):
-      for run in (r for r in selected if r.priority == priority):
-        if too_late():
-          print(f'[{now()}] past --stop_after={args.stop_after}: not starting {run.name}', flush=True)
-          continue
-        if train(run, out, timings, env) and not too_late():
-          sweep(run, out, timings, env)
+    for run in selected:  # priority order
+      if too_late():
+        print(f'[{now()}] past --stop_after={args.stop_after}: not starting {run.name}', flush=True)
+        continue
+      if train(run, out, timings, env, commit) and not too_late():
+        sweep(run, out, timings, env, commit)
+      refresh_facts(run, out, timings, split_sizes)
     invocation['end'] = now()
     invocation['seconds'] = round(time.perf_counter() - wall, 1)
     timings.save()
 
+  for run in (r for rnd in runs_lib.ROUNDS for r in rnd.runs):
+    refresh_facts(run, out, timings, split_sizes)
   import report  # pylint: disable=g-import-not-at-top
-  written = report.write_report(out, Path(args.docs), timings.data)
-  print(f'[{now()}] report: {", ".join(str(p) for p in written)}', flush=True)
+  written = report.write_report(out, Path(args.docs), timings.data, readme=Path(args.readme) if args.readme else None)
+  print(f'[{now()}] report: {len(written)} files, e.g. {", ".join(str(p) for p in written[-2:])}', flush=True)
   return 0
 
 

@@ -1,66 +1,82 @@
-"""The reproduction's run list, as data: which networks are trained, with which overrides, and how each is swept.
+"""The reproduction's run list, as data: rounds -> budgets (a training schedule and its settings) -> runs.
 
-Every run shares COMMON (the same training budget: epochs, batch, learning-rate schedule), so the methods differ
-only in `config.method` (and, for independent networks, the one width/resolution they train). `priority` orders the
-work: all priority-1 runs (the core comparison) are trained and swept before any priority-2 run (extras that are
-run only when the time budget allows; the report says which of them exist).
+A run is one `main.py` training (then one sweep) of one method and seed under one budget; every run of a budget
+shares the budget's settings, so within a budget the methods differ only in `config.method` (and, for an
+independent network, the one width/resolution it trains). `priority` orders the work: run.py trains and sweeps
+every selected priority-1 run before any priority-2 run, and so on, so an interrupted pipeline has the most
+informative comparisons first.
+
+Round 1 (2026-11) is kept as it ran: it documents what produced benchmarks/reproduce/round1/query_tables.csv, the
+only place its results survive. It is never re-run by default (the library's defaults have changed since, see
+`ROUND1.described`).
+
+Round 2 uses the config's defaults for the width sampler (uniform continuous widths, as in the official code) and
+a random-resized-crop augmentation for every method, under two budgets: 'overfit' (a 10k-image training subset,
+trained until independent networks over-fit) and 'long' (the full training set, long enough for the independent
+1.0@28 network to get near its ceiling). Set the epochs of both in EPOCHS, the one place they live.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 CONFIG = 'configs/default.py'
-
-# The same training budget for every method, written out so the report can quote it (configs/default.py values
-# except num_epochs, no in-training evaluation and a shorter checkpoint interval).
-COMMON = {
-    'num_epochs': 2,              # 936 steps of 128 images (60k // 128 * 2); the quickstart's 0.5 epoch is too short
-    'batch_size': 128,
-    'learning_rate': 0.1,         # cosine decay to 0 over the run (mutualnet_jax.train), Nesterov momentum 0.9
-    'warmup_epochs': 0.1,         # linear warm-up (configs/default.py: without it the first ~50 steps diverge)
-    'weight_decay': 1e-4,
-    'eval_every_steps': 0,        # no in-training evaluation: the sweep evaluates every configuration afterwards
-    'checkpoint_every_steps': 100,  # resumable mid-run
-}
-
-SWEEP_WIDTHS = (1.0, 0.75, 0.5, 0.25)
-SWEEP_RESOLUTIONS = (28, 24, 20, 16)
 LATENCY_REPEATS = 5
-ABLATION = 'MutualNet, no in-place KD'
-# Claim 4 (the full configuration beats an independent network) checked again with a longer schedule.
-LONG_EPOCHS = 4
-LONG_MUTUALNET = f'MutualNet, {LONG_EPOCHS} epochs'
-LONG_INDEPENDENT = f'Independent, {LONG_EPOCHS} epochs'
-LONGER = (LONG_MUTUALNET, LONG_INDEPENDENT)
+LABELS = {'mutualnet': 'MutualNet', 'usnet': 'US-Net', 'independent': 'Independent'}
+DIAGNOSTIC_OVERRIDES = ('--config.inplace_distillation=False',)
+
+# Round 2's schedules, in epochs of each budget's training split: placeholders until the run times are measured
+# (python benchmarks/reproduce/run.py --list prints the runs; timings.json has seconds per run and step).
+EPOCHS = {'overfit': 40, 'long': 30}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """One training schedule of a round: every run under it gets `settings` (as --config.KEY=VALUE) and the same
+  number of epochs of the same split, hence the same number of steps."""
+  round: int
+  name: str
+  epochs: float
+  settings: dict[str, Any]                 # --config.KEY=VALUE for every run of the budget (besides num_epochs)
+  purpose: str                             # one line for the report
+  sweep_widths: tuple[float, ...]          # what MutualNet and US-Net runs are swept at
+  sweep_resolutions: tuple[int, ...]
+
+  @property
+  def key(self) -> str:
+    """Unique across rounds: names the workdirs, logs and the report's data folder."""
+    return f'round{self.round}_{self.name}'
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  name: str                 # workdir name under --out
-  method: str               # mutualnet | usnet | independent
+  budget: Budget
+  name: str                        # workdir (relative to --out; may contain '/')
+  method: str                      # mutualnet | usnet | independent
   seed: int
-  priority: int = 1
+  priority: int
   width: float | None = None       # independent only
   resolution: int | None = None    # independent only
-  extra: tuple[str, ...] = ()      # further overrides: an ablation, reported as its own series under `tag`
-  tag: str = ''
-  epochs: float | None = None      # a longer (tagged) schedule; None: COMMON's
+  diagnostic: bool = False         # MutualNet without in-place distillation: context, not a compared method
+  tag: str = ''                    # round 1: the run's label in its CSV when it was not the method's
 
   @property
-  def num_epochs(self) -> float:
-    return COMMON['num_epochs'] if self.epochs is None else self.epochs
-
-  @property
-  def steps(self) -> int:
-    return int(round(self.num_epochs * (60_000 // COMMON['batch_size'])))
+  def series(self) -> str:
+    """Which curve of the report the run feeds."""
+    return 'Diagnostic' if self.diagnostic else LABELS[self.method]
 
   @property
   def label(self) -> str:
-    return self.tag or {'mutualnet': 'MutualNet', 'usnet': 'US-Net', 'independent': 'Independent'}[self.method]
+    """The run's `method` column in the data files (round 1's CSV used the tags)."""
+    if self.tag:
+      return self.tag
+    return 'MutualNet, no in-place KD' if self.diagnostic else LABELS[self.method]
 
   def overrides(self) -> list[str]:
-    settings = {**COMMON, 'num_epochs': self.num_epochs, 'seed': self.seed}
-    out = [f'--config.{k}={v}' for k, v in settings.items()] + list(self.extra)
+    settings = {**self.budget.settings, 'num_epochs': self.budget.epochs, 'seed': self.seed}
+    out = [f'--config.{k}={v}' for k, v in settings.items()]
+    out += list(DIAGNOSTIC_OVERRIDES) if self.diagnostic else []
     if self.method == 'independent':
       out += [f'--config.independent_width={self.width}', f'--config.independent_resolution={self.resolution}']
     return out
@@ -68,38 +84,160 @@ class Run:
   def config_arg(self) -> str:
     return f'--config={CONFIG}:{self.method}'
 
+  def sweep_configs(self) -> set[tuple[float, int]]:
+    """The (width, resolution) pairs its query table must hold."""
+    if self.method == 'independent':
+      return {(float(self.width), int(self.resolution))}
+    return {(float(w), int(r)) for w in self.budget.sweep_widths for r in self.budget.sweep_resolutions}
+
   def sweep_args(self) -> list[str]:
     if self.method == 'independent':
-      return []  # its own (width, resolution) only: the trained grid of an independent run
-    return [f'--widths={",".join(f"{w:g}" for w in SWEEP_WIDTHS)}',
-            f'--resolutions={",".join(str(r) for r in SWEEP_RESOLUTIONS)}']
+      return []  # its own (width, resolution) only: the trained configuration of an independent run
+    return [f'--widths={",".join(f"{w:g}" for w in self.budget.sweep_widths)}',
+            f'--resolutions={",".join(str(r) for r in self.budget.sweep_resolutions)}']
 
 
-def _independent(width: float, resolution: int, seed: int = 0, priority: int = 1, epochs: float | None = None,
-                 tag: str = '') -> Run:
-  suffix = f'_{epochs:g}ep' if epochs else ''
-  return Run(f'independent_w{width:g}_r{resolution}_s{seed}{suffix}', 'independent', seed, priority, width, resolution,
-             tag=tag, epochs=epochs)
+@dataclasses.dataclass(frozen=True)
+class Round:
+  number: int
+  title: str
+  budgets: tuple[Budget, ...]
+  runs: tuple[Run, ...]
+  run_by_default: bool
+  # What the round's runs got from the library's defaults of the time, when no config.json of theirs survives.
+  described: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def budget(self, name: str) -> Budget:
+    return next(b for b in self.budgets if b.name == name)
 
 
-# Ordered so that an interrupted pipeline has the most important comparisons first: both methods' seed 0, the
-# independent full network, both methods' seed 1, then the narrower independent networks at 28 px.
-RUNS: list[Run] = [
-    Run('mutualnet_s0', 'mutualnet', 0),
-    Run('usnet_s0', 'usnet', 0),
-    _independent(1.0, 28),
-    Run('mutualnet_s1', 'mutualnet', 1),
-    Run('usnet_s1', 'usnet', 1),
-    *[_independent(w, 28) for w in (0.25, 0.5, 0.75)],
-    # Extras, when time allows: a second seed of the full independent network; claim 4 with twice the schedule;
-    # the rest of the 4 x 4 grid of independent networks (the other resolutions); a diagnostic.
-    _independent(1.0, 28, seed=1, priority=2),
-    Run(f'mutualnet_s0_{LONG_EPOCHS}ep', 'mutualnet', 0, priority=2, tag=LONG_MUTUALNET, epochs=LONG_EPOCHS),
-    _independent(1.0, 28, priority=2, epochs=LONG_EPOCHS, tag=LONG_INDEPENDENT),
-    *[_independent(w, r, priority=3) for r in (24, 20, 16) for w in (1.0, 0.25, 0.5, 0.75)],
-    # Diagnostic, not a baseline: MutualNet whose sub-networks learn from the labels instead of the full network's
-    # prediction (in-place distillation off), to see whether distilling from a not yet converged teacher explains a
-    # gap to the independent networks at this short budget.
-    Run('mutualnet_labels_s0', 'mutualnet', 0, priority=4, extra=('--config.inplace_distillation=False',),
-        tag=ABLATION),
-]
+# ----------------------------------------------------------------------------------------------------------------------
+# Round 1: as it ran (names, overrides and priorities unchanged).
+
+ROUND1_COMMON = {
+    'num_epochs': 2,              # 936 steps of 128 images; the quickstart's 0.5 epoch is too short
+    'batch_size': 128,
+    'learning_rate': 0.1,         # cosine decay to 0 over the run (mutualnet_jax.train), Nesterov momentum 0.9
+    'warmup_epochs': 0.1,         # linear warm-up (configs/default.py: without it the first ~50 steps diverge)
+    'weight_decay': 1e-4,
+    'eval_every_steps': 0,        # no in-training evaluation: the sweep evaluates every configuration afterwards
+    'checkpoint_every_steps': 100,  # resumable mid-run
+}
+_R1_GRID = dict(sweep_widths=(1.0, 0.75, 0.5, 0.25), sweep_resolutions=(28, 24, 20, 16))
+_R1_SHORT = Budget(1, '2ep', 2, ROUND1_COMMON, 'every method, the same 2-epoch schedule', **_R1_GRID)
+_R1_LONG = Budget(1, '4ep', 4, ROUND1_COMMON, 'claim 4 re-checked with twice the schedule (one seed each)',
+                  **_R1_GRID)
+
+
+def _r1_independent(width: float, resolution: int, seed: int = 0, priority: int = 1, budget: Budget = _R1_SHORT,
+                    tag: str = '') -> Run:
+  suffix = f'_{budget.epochs:g}ep' if budget is _R1_LONG else ''
+  return Run(budget, f'independent_w{width:g}_r{resolution}_s{seed}{suffix}', 'independent', seed, priority, width,
+             resolution, tag=tag)
+
+
+ROUND1 = Round(
+    number=1,
+    title='Round 1: 2 epochs, random widths on a 0.25 grid, pad-crop augmentation',
+    budgets=(_R1_SHORT, _R1_LONG),
+    run_by_default=False,
+    described={'dataset': '`fashion_mnist_local`, training split `train`, eval split `test`',
+               'width sampling': 'random widths on a 0.25 grid (`config.width_step=0.25`)',
+               'sub-networks per step': '4 (the full network, the narrowest and 2 random widths)',
+               'augmentation': 'pad-crop (4 px) + flip (`config.augmentation=small`)'},
+    runs=(
+        Run(_R1_SHORT, 'mutualnet_s0', 'mutualnet', 0, 1),
+        Run(_R1_SHORT, 'usnet_s0', 'usnet', 0, 1),
+        _r1_independent(1.0, 28),
+        Run(_R1_SHORT, 'mutualnet_s1', 'mutualnet', 1, 1),
+        Run(_R1_SHORT, 'usnet_s1', 'usnet', 1, 1),
+        *[_r1_independent(w, 28) for w in (0.25, 0.5, 0.75)],
+        _r1_independent(1.0, 28, seed=1, priority=2),
+        Run(_R1_LONG, 'mutualnet_s0_4ep', 'mutualnet', 0, 2, tag='MutualNet, 4 epochs'),
+        _r1_independent(1.0, 28, priority=2, budget=_R1_LONG, tag='Independent, 4 epochs'),
+        *[_r1_independent(w, r, priority=3) for r in (24, 20, 16) for w in (1.0, 0.25, 0.5, 0.75)],
+        Run(_R1_SHORT, 'mutualnet_labels_s0', 'mutualnet', 0, 4, diagnostic=True),
+    ))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Round 2.
+
+ROUND2_COMMON = {
+    'batch_size': 128,
+    'learning_rate': 0.1,
+    'warmup_epochs': 0.1,
+    'weight_decay': 1e-4,
+    'augmentation': 'random_resized_crop',  # area in config.crop_scale, aspect 3/4-4/3, flip; whole image at eval
+    'eval_every_steps': 0,
+    'checkpoint_every_steps': 200,
+}
+# MutualNet and US-Net: the widths of the old 0.25 grid plus three off it (untrained widths dipped in round 1),
+# at every resolution. The 0.05 grid (16 widths) is too many sweeps per seed for 2 cores.
+ROUND2_SWEEP = dict(sweep_widths=(1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25), sweep_resolutions=(28, 24, 20, 16))
+INDEPENDENT_GRID = [(w, r) for r in (28, 24, 20, 16) for w in (1.0, 0.75, 0.5, 0.25)]
+FULL = (1.0, 28)
+CORE_SEEDS = (0, 1, 2, 3)       # MutualNet, US-Net and the independent FULL network
+GRID_SEEDS = (0, 1)             # the other independent networks
+DIAGNOSTIC_SEEDS = (0,)
+
+_R2_BUDGETS = (
+    Budget(2, 'overfit', EPOCHS['overfit'],
+           # warm-up in epochs of this split: 0.6 x 78 steps ~ round 1's 47 warm-up steps
+           {**ROUND2_COMMON, 'train_split': 'train[:10000]', 'warmup_epochs': 0.6},
+           'a 10k-image training subset, trained until independent networks over-fit', **ROUND2_SWEEP),
+    Budget(2, 'long', EPOCHS['long'], {**ROUND2_COMMON, 'train_split': 'train'},
+           'the full training set, long enough for the independent full network to near its ceiling',
+           **ROUND2_SWEEP),
+)
+# Priorities: the core comparison (MutualNet, US-Net, independent FULL) with 2 seeds under 'overfit' first, then
+# its other seeds, then the same under 'long', then the rest of the independent grid, then the diagnostic.
+PRIORITY = {('overfit', 'core', 'first seeds'): 1, ('overfit', 'core', 'more seeds'): 2,
+            ('long', 'core', 'first seeds'): 3, ('long', 'core', 'more seeds'): 4,
+            ('overfit', 'grid', 'first seeds'): 5, ('long', 'grid', 'first seeds'): 6,
+            ('overfit', 'diagnostic', 'first seeds'): 7, ('long', 'diagnostic', 'first seeds'): 7}
+
+
+def _r2_runs(budget: Budget) -> list[Run]:
+  def run(method: str, seed: int, group: str, width: float | None = None, resolution: int | None = None,
+          diagnostic: bool = False) -> Run:
+    stem = ('mutualnet_labels' if diagnostic else
+            f'independent_w{width:g}_r{resolution}' if method == 'independent' else method)
+    priority = PRIORITY[budget.name, group, 'first seeds' if seed < 2 else 'more seeds']
+    # The epochs in the folder name: changing EPOCHS starts fresh workdirs instead of resuming another schedule.
+    return Run(budget, f'round2/{budget.name}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority, width,
+               resolution, diagnostic=diagnostic)
+
+  core = [run(m, seed, 'core', *(FULL if m == 'independent' else ())) for seed in CORE_SEEDS
+          for m in ('mutualnet', 'usnet', 'independent')]
+  grid = [run('independent', seed, 'grid', w, r) for seed in GRID_SEEDS for w, r in INDEPENDENT_GRID if (w, r) != FULL]
+  diagnostic = [run('mutualnet', seed, 'diagnostic', diagnostic=True) for seed in DIAGNOSTIC_SEEDS]
+  return core + grid + diagnostic
+
+
+ROUND2 = Round(
+    number=2,
+    title='Round 2: uniform widths (official sampler), random-resized-crop augmentation',
+    budgets=_R2_BUDGETS,
+    run_by_default=True,
+    runs=tuple(run for budget in _R2_BUDGETS for run in _r2_runs(budget)))
+
+ROUNDS = (ROUND1, ROUND2)
+
+
+def select(rounds: Iterable[int] | None = None, budgets: Iterable[str] | None = None,
+           max_priority: int | None = None, only: Sequence[str] = ()) -> list[Run]:
+  """Runs in the order run.py works through them (priority, then listing order). `rounds` None: the rounds run by
+  default; `budgets` None: every budget; `only`: these run names (still within the rounds/budgets chosen)."""
+  wanted = None if rounds is None else set(rounds)
+  chosen = [r for r in ROUNDS if (r.run_by_default if wanted is None else r.number in wanted)]
+  runs = [run for rnd in chosen for run in rnd.runs
+          if (budgets is None or run.budget.name in set(budgets))
+          and (max_priority is None or run.priority <= max_priority) and (not only or run.name in set(only))]
+  return sorted(runs, key=lambda run: run.priority)  # stable: listing order within a priority
+
+
+def by_name() -> dict[str, Run]:
+  out = {run.name: run for rnd in ROUNDS for run in rnd.runs}
+  assert len(out) == sum(len(rnd.runs) for rnd in ROUNDS), 'run names collide'
+  return out
