@@ -51,9 +51,15 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.manual_dir = ''              # where a local builder reads raw files; '' = its own default
   config.train_split = 'train'
   config.eval_split = 'test'
-  config.augmentation = 'small'       # 'imagenet' (random-resized-crop + flip) | 'small' (pad-crop + flip) | 'none'
-  config.crop_scale = (0.25, 1.0)     # random-resized-crop area range ('imagenet'); (0.25, 1) for MobileNets
+  # 'imagenet': random-resized-crop + flip, eval centre crop; 'random_resized_crop': the same crop + flip, eval the
+  # whole image (small images); 'small': pad-crop + flip; 'none'.
+  config.augmentation = 'small'
+  config.crop_scale = (0.25, 1.0)     # random-resized-crop area range; (0.25, 1) for MobileNets
   config.pad_crop = 4                 # pixels of padding for the 'small' augmentation
+  config.color_jitter = 0.0           # ColorJitter(j, j, j) of the official ImageNet recipe (0.4 there); 0 = off
+  config.lighting = 0.0               # PCA lighting noise std of the official ImageNet recipe (0.1 there); 0 = off
+  config.mean = ()                    # per-channel mean / std in [0, 1] units; () = the known dataset's values
+  config.std = ()
   config.shuffle_buffer = 16_384
   config.image_size = -1              # input size the pipeline delivers; -1 = max(resolutions)
 

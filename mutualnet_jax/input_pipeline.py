@@ -22,7 +22,7 @@ from mutualnet_jax.preprocess import input_size
 
 Batch = dict[str, np.ndarray]
 
-AUGMENTATIONS = ('imagenet', 'small', 'none')
+AUGMENTATIONS = ('imagenet', 'random_resized_crop', 'small', 'none')
 _IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _MEAN_STD = {  # per-channel mean and std of the training images, in [0, 1] units
     'fashion_mnist_local': ((0.2860,), (0.3530,)),
@@ -32,7 +32,9 @@ _MEAN_STD = {  # per-channel mean and std of the training images, in [0, 1] unit
     'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     'imagenet2012': _IMAGENET_MEAN_STD,
 }
-_GRAY_MEAN_STD = ((0.5,), (0.5,))  # unknown grayscale datasets; unknown colour ones use ImageNet's statistics
+# AlexNet's PCA lighting noise (the official MutualNet/US-Net `Lighting` transform), in [0, 1] pixel units.
+_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 _EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize the shorter side to S / 0.875, then take the centre S x S
 _CACHE_LIMIT_BYTES = 1 << 30  # decoded splits up to this size are cached in memory after the first epoch
 _TRAIN_STREAM, _CALIBRATION_STREAM = 0, 1  # keep the training and calibration random streams apart
@@ -135,6 +137,8 @@ class _Preprocessor:
   pad_crop: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  color_jitter: float = 0.0  # brightness, contrast and saturation factors in [1 - j, 1 + j], in a random order
+  lighting: float = 0.0      # std of the PCA lighting noise (3-channel images)
 
   def decode(self, image: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(image, channels=self.channels, expand_animations=False)
@@ -145,9 +149,9 @@ class _Preprocessor:
     return {'image': self.decode(example['image']), 'label': example['label']}
 
   def train(self, example: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    crop_seed, flip_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
     image = self._decodable(example['image'])
-    if self.augmentation == 'imagenet':
+    if self.augmentation in ('imagenet', 'random_resized_crop'):
       image = self._resize(self._crop(image, self._random_resized_crop_window(image, crop_seed)))
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     elif self.augmentation == 'small':
@@ -155,7 +159,32 @@ class _Preprocessor:
       image = self._resize(tf.image.stateless_random_flip_left_right(image, flip_seed))
     else:
       image = self._resize(self._whole(image))
-    return self._finish(image, example['label'])
+    return self._finish(self._colour(image, colour_seed), example['label'])
+
+  def _colour(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """torchvision's ColorJitter(j, j, j) (factors uniform in [1 - j, 1 + j], applied in a random order) and the
+    PCA Lighting noise of the official recipe, on [0, 255] pixels; a no-op when both are 0. The lighting shift is
+    AlexNet's (eigenvalues of [0, 1] pixels, scaled to 255); the official code adds it to uint8 pixels unscaled,
+    where it mostly rounds away."""
+    if not self.color_jitter and not self.lighting:
+      return image
+    image = tf.cast(image, tf.float32)
+    order_seed, factor_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
+    if self.color_jitter:
+      j = self.color_jitter
+      factors = tf.random.stateless_uniform([3], factor_seed, 1 - j, 1 + j)
+      gray = tf.image.rgb_to_grayscale if self.channels == 3 else tf.identity
+      ops = (lambda x: x * factors[0],                                                      # brightness
+             lambda x: (x - tf.reduce_mean(gray(x))) * factors[1] + tf.reduce_mean(gray(x)),  # contrast
+             lambda x: (x - gray(x)) * factors[2] + gray(x))                               # saturation
+      order = tf.argsort(tf.random.stateless_uniform([3], order_seed))
+      for i in range(3):
+        image = tf.clip_by_value(tf.switch_case(order[i], [lambda f=f: f(image) for f in ops]), 0.0, 255.0)
+    if self.lighting and self.channels == 3:
+      alpha = tf.random.stateless_normal([3], light_seed, stddev=self.lighting)
+      shift = tf.linalg.matvec(tf.constant(_PCA_EIGVEC), alpha * tf.constant(_PCA_EIGVAL))
+      image = image + 255.0 * shift
+    return image
 
   def eval(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = self._decodable(example['image'])
@@ -222,6 +251,22 @@ class _Preprocessor:
             'label': tf.cast(label, tf.int32)}
 
 
+def normalization(config: ml_collections.ConfigDict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, std) of the training images in [0, 1] units: `config.mean`/`config.std` when given, else
+  the table of known datasets; a UserError for an unknown dataset without them, or a channel-count mismatch."""
+  if config.mean or config.std:
+    mean, std = tuple(float(m) for m in config.mean), tuple(float(s) for s in config.std)
+  elif _base_name(config.dataset) in _MEAN_STD:
+    mean, std = _MEAN_STD[_base_name(config.dataset)]
+  else:
+    raise UserError(f'no normalisation known for dataset {config.dataset!r}: set --config.mean and --config.std to '
+                    f'its per-channel training mean and std in [0, 1] units, e.g. "({", ".join(["0.5"] * channels)},)".')
+  if len(mean) != channels or len(std) != channels or min(std) <= 0:
+    raise UserError(f'config.mean={mean} and config.std={std} must give {channels} values each (the images have '
+                    f'{channels} channels), stds > 0.')
+  return mean, std
+
+
 @dataclasses.dataclass(frozen=True)
 class _Source:
   """A prepared dataset plus the config, with the reads every pipeline shares."""
@@ -239,11 +284,11 @@ class _Source:
   def preprocessor(self) -> _Preprocessor:
     image_feature = self.builder.info.features['image']
     channels = image_feature.shape[-1]
-    mean, std = _MEAN_STD.get(_base_name(self.config.dataset), _IMAGENET_MEAN_STD if channels == 3 else
-                              _GRAY_MEAN_STD)
+    mean, std = normalization(self.config, channels)
     return _Preprocessor(augmentation=self.config.augmentation, size=input_size(self.config), channels=channels,
                          source_shape=tuple(image_feature.shape), jpeg=image_feature.encoding_format == 'jpeg',
-                         crop_scale=tuple(self.config.crop_scale), pad_crop=self.config.pad_crop, mean=mean, std=std)
+                         crop_scale=tuple(self.config.crop_scale), pad_crop=self.config.pad_crop, mean=mean, std=std,
+                         color_jitter=float(self.config.color_jitter), lighting=float(self.config.lighting))
 
   def read(self, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Examples with encoded images: in file order, or with the files in a seeded order if `shuffle_seed`."""

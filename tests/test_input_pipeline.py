@@ -283,3 +283,69 @@ def test_real_fashion_mnist_pipeline(real_dir):
   calibration = next(input_pipeline.calibration_iterator(_config(real_dir), num_images=4000,
                                                          global_batch_size=4000))
   assert abs(calibration['image'].mean()) < 0.03 and abs(calibration['image'].std() - 1) < 0.03
+
+
+def test_colour_jitter_and_lighting_are_random_per_image_but_reproducible(mock_dir):
+  plain = _config(mock_dir, dataset='cifar10', augmentation='random_resized_crop', image_size=32)
+  jitter = _config(mock_dir, dataset='cifar10', augmentation='random_resized_crop', image_size=32, color_jitter=0.4,
+                   lighting=0.1)
+  with _mock(mock_dir, 'cifar10'):
+    a = next(input_pipeline.train_iterator(plain, global_batch_size=8))['image']
+    b = next(input_pipeline.train_iterator(jitter, global_batch_size=8))['image']
+    again = next(input_pipeline.train_iterator(jitter, global_batch_size=8))['image']
+  np.testing.assert_array_equal(b, again)  # a pure function of (seed, step, element)
+  assert np.isfinite(b).all() and not np.allclose(a, b)
+  # The same crops (same seeds): brightness/contrast/saturation change each image's mean by a different factor.
+  ratio = (b.mean((1, 2, 3)) + 10) / (a.mean((1, 2, 3)) + 10)
+  assert np.std(ratio) > 1e-3
+
+
+@pytest.mark.parametrize('overrides, fragment', [
+    ({'mean': (0.5,), 'std': (0.5, 0.5)}, 'must give 1 values each'),
+    ({'mean': (0.5,), 'std': (0.0,)}, 'stds > 0'),
+])
+def test_bad_normalisation_is_one_clear_error(tiny_dir, overrides, fragment):
+  with pytest.raises(UserError, match=fragment):
+    input_pipeline.train_iterator(_config(tiny_dir, **overrides), global_batch_size=10)
+
+
+def test_normalisation_from_the_config_and_unknown_datasets():
+  config = default.get_config()
+  assert input_pipeline.normalization(config, 1) == ((0.2860,), (0.3530,))
+  config.mean, config.std = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+  assert input_pipeline.normalization(config, 3) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+  config.mean, config.std, config.dataset = (), (), 'my_flowers'
+  with pytest.raises(UserError, match='set --config.mean and --config.std'):
+    input_pipeline.normalization(config, 3)
+
+
+@pytest.mark.parametrize('damage, fragment', [
+    (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), 'not a readable gzip file'),
+    (lambda path: path.write_bytes(b'not gzip at all' * 10), 'not a readable gzip file'),
+    (lambda path: path.write_bytes(gzip.compress(b'')), 'too few for an idx header'),
+    (lambda path: path.write_bytes(b''), 'too few for an idx header'),
+    (lambda path: _write_idx(path, np.zeros((5, 28, 27), np.uint8), 2051), 'not 28x28'),
+    (lambda path: path.write_bytes(gzip.compress(struct.pack('>IIII', 2051, 5, 28, 28) + b'\0' * 100)), 'truncated'),
+    (lambda path: _write_idx(path, np.zeros((5, 28, 28), np.uint8), 2049), 'not an idx file of this kind'),
+])
+def test_damaged_raw_files_are_one_clear_error_naming_the_file(tmp_path, damage, fragment):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  for prefix in ('train', 't10k'):
+    _write_idx(raw / f'{prefix}-images-idx3-ubyte.gz', _tiny_images(5, 0), 2051)
+    _write_idx(raw / f'{prefix}-labels-idx1-ubyte.gz', np.arange(5, dtype=np.uint8), 2049)
+  damage(raw / 'train-images-idx3-ubyte.gz')
+  (tmp_path / 'tfds').mkdir()
+  _assert_one_line_user_error(_config(tmp_path / 'tfds', manual_dir=os.fspath(raw)), fragment,
+                              'train-images-idx3-ubyte.gz', 'dataset-fashion-mnist')
+
+
+def test_labels_out_of_range_are_one_clear_error(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  for prefix in ('train', 't10k'):
+    _write_idx(raw / f'{prefix}-images-idx3-ubyte.gz', _tiny_images(5, 0), 2051)
+    _write_idx(raw / f'{prefix}-labels-idx1-ubyte.gz', np.array([0, 1, 2, 3, 12], np.uint8), 2049)
+  (tmp_path / 'tfds').mkdir()
+  _assert_one_line_user_error(_config(tmp_path / 'tfds', manual_dir=os.fspath(raw)), 'label 12, outside 0-9',
+                              'labels-idx1-ubyte.gz')

@@ -41,16 +41,27 @@ def check_raw_dir(directory: epath.Path) -> epath.Path:
   return directory
 
 
+_FIX = 'replace it with the original Fashion-MNIST file (apt-get install --reinstall dataset-fashion-mnist)'
+
+
 def _read_idx(path: epath.Path, magic: int) -> np.ndarray:
-  """Reads one big-endian idx file (header: magic, dimension sizes; then uint8 data)."""
-  with path.open('rb') as raw, gzip.GzipFile(fileobj=raw) as f:
-    data = f.read()
+  """Reads one gzipped big-endian idx file (header: magic, dimension sizes; then uint8 data); a damaged file is a
+  one-line UserError naming it."""
+  try:
+    with path.open('rb') as raw, gzip.GzipFile(fileobj=raw) as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+    raise UserError(f'{path} is not a readable gzip file ({type(e).__name__}: {e}): {_FIX}.') from None
   ndim = magic & 0xFF
+  if len(data) < 4 * (1 + ndim):
+    raise UserError(f'{path} holds {len(data)} bytes, too few for an idx header: {_FIX}.')
   header = np.frombuffer(data, dtype='>u4', count=1 + ndim)
   if header[0] != magic:
-    raise UserError(f'{path} is not an idx file (magic {header[0]}, expected {magic}): replace it with the '
-                    'original Fashion-MNIST file.')
+    raise UserError(f'{path} is not an idx file of this kind (magic {header[0]}, expected {magic}): {_FIX}.')
   shape = tuple(int(n) for n in header[1:])
+  payload = len(data) - 4 * (1 + ndim)
+  if payload != int(np.prod(shape)):
+    raise UserError(f'{path} declares {shape} values but holds {payload} bytes of them (truncated?): {_FIX}.')
   return np.frombuffer(data, dtype=np.uint8, offset=4 * (1 + ndim)).reshape(shape)
 
 
@@ -105,5 +116,10 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     if len(images) != len(labels):
       raise UserError(f'{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels in '
                       f'{directory}: replace them with the original Fashion-MNIST files.')
+    if images.shape[1:] != (28, 28):
+      raise UserError(f'{directory / images_file} holds {images.shape[1:]} images, not 28x28: {_FIX}.')
+    if len(labels) and labels.max() >= len(_CLASS_NAMES):
+      raise UserError(f'{directory / labels_file} has label {labels.max()}, outside 0-{len(_CLASS_NAMES) - 1}: '
+                      f'{_FIX}.')
     for index, (image, label) in enumerate(zip(images, labels)):
       yield index, {'image': _png(image), 'label': int(label)}
