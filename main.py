@@ -41,6 +41,8 @@ flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep out
 flags.DEFINE_list('workdirs', None, 'plot: swept workdirs to overlay, each WORKDIR or WORKDIR@RES (rows at RES only).')
 flags.DEFINE_list('labels', None, 'plot: one label per --workdirs entry; equal labels are pooled.')
 flags.DEFINE_string('out', None, 'export/plot: output path (default: inside --workdir).')
+flags.DEFINE_bool('resume_with_changes', False, 'train: resume although settings that change the run differ from '
+                  'the checkpoint\'s config.json (the changes are recorded there).')
 flags.DEFINE_string('coordinator_address', '', 'Multi-process jobs: host:port of process 0 (empty: auto-detect '
                     'on TPU pods / SLURM when --distributed).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() before anything else.')
@@ -61,7 +63,7 @@ def main(argv):
       width=FLAGS.width, resolution=FLAGS.resolution, widths=parse_numbers(FLAGS.widths, float, 'widths'),
       resolutions=parse_numbers(FLAGS.resolutions, int, 'resolutions'), latency_repeats=FLAGS.latency_repeats,
       budget_mflops=FLAGS.budget_mflops, budget_ms=FLAGS.budget_ms, format=FLAGS.format, workdirs=FLAGS.workdirs,
-      labels=FLAGS.labels, out=FLAGS.out)
+      labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes)
   print(commands.run(FLAGS.mode, loaded_config(FLAGS.config), FLAGS.workdir, options))
 
 

@@ -26,5 +26,12 @@ setup(
         "importlib_resources>=6.0",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5"]},
+    extras_require={
+        # torch: tests/test_convert.py checks the converter against a PyTorch model (the CPU wheel, ~30 s to install).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # python -m mutualnet_jax.convert: reading official PyTorch checkpoints (weights_only loading).
+        "convert": ["torch>=2.4"],
+        # mutualnet_jax.tf_export uses LiteRT's TFLite interpreter when present (TensorFlow's own otherwise).
+        "tflite": ["ai-edge-litert>=2.3"],
+    },
 )

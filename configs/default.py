@@ -76,7 +76,12 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4          # conv/dense kernels only: not depthwise, BN or biases
-  config.bn_sync = False              # False: BN batch statistics per device (official DDP); True: global batch
+  config.bn_sync = False              # False: BN statistics per device (as nn.DataParallel replicas in the official code)
+
+  # Fine-tuning (mutualnet_jax.init_from): start a fresh run from another run's backbone. Ignored once the workdir
+  # has its own checkpoint (resuming wins).
+  config.init_from = ''               # a training workdir, an export (--mode=export) or a .npz parameter file
+  config.init_classifier = 'auto'     # 'auto': re-initialise when the class count differs | 'fresh' | 'load'
 
   # BN calibration and evaluation (mutualnet_jax.bn_calibration, mutualnet_jax.sweep).
   config.calibration_images = 2000
@@ -92,5 +97,6 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.compilation_cache_dir = '~/.cache/mutualnet_jax/xla'  # '' disables the persistent compilation cache
   config.precompile = False           # compile every bucket of the grid in parallel threads before training
+  config.profile_steps = 0            # > 0: a profiler trace of this many steps, 10 steps in (clu Profile; TensorBoard)
 
   return config

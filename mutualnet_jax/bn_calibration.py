@@ -25,6 +25,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from mutualnet_jax import parallel, workdir as workdir_lib
+from mutualnet_jax.errors import UserError
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
 
@@ -138,7 +139,8 @@ class Calibrator:
       acc = step(params, images, acc, np.float32(count), active)
       count += images.shape[0]
     if acc is None:
-      raise ValueError('calibration got no batches.')
+      raise UserError('BN calibration got no batch: the training split holds fewer images than '
+                      'config.calibration_batch_size; lower it.')
     to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / np.float32(count)}  # noqa: E731
     stats = jax.tree.map(to_stats, jax.device_get(acc), is_leaf=lambda x: isinstance(x, Mapping) and 'm2' in x)
     return slice_stats(stats, shapes(params, width)) if masked else stats

@@ -2,13 +2,17 @@
 restarted job resumes exactly where it stopped and refuses a checkpoint of a different model."""
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.workdir import CHECKPOINT_DIR, absolute
+from mutualnet_jax.workdir import CHECKPOINT_DIR, DAMAGED_DIR, absolute
 
 # Model settings that change the parameter tree; `fingerprint` adds what the weights were trained for.
 _FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
@@ -28,17 +32,28 @@ def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, A
           **trained}
 
 
+class DamagedCheckpoint(UserError):
+  """A checkpoint directory that does not restore (as opposed to one of another model, which is refused)."""
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every floating-point leaf of `tree` is finite (one small device reduction per leaf, one transfer)."""
+  leaves = [jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if np.issubdtype(np.dtype(getattr(x, 'dtype', np.float32)), np.floating)]
+  return bool(np.all(jax.device_get(leaves))) if leaves else True
+
+
 class Checkpoints:
   """Keeps the last `keep` checkpoints of `workdir`; saves are asynchronous and atomic (a save killed midway leaves
-  only a temporary directory that is never restored).
+  only a temporary directory that is never restored). A context manager: leaving it waits for the last save.
 
   read_only: for post-training modes, which may run while training still writes to the same workdir: nothing is
-  created, deleted or cleaned up (a training job's in-progress save is a temporary directory it still owns).
+  created, deleted, moved or cleaned up (a training job's in-progress save is a temporary directory it still owns).
   """
 
   def __init__(self, workdir: str, *, keep: int, expected: dict[str, Any], read_only: bool = False):
     self.directory = absolute(workdir) / CHECKPOINT_DIR
-    self.expected = expected
+    self.expected, self.read_only = expected, read_only
     options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
                ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
     try:
@@ -50,8 +65,37 @@ class Checkpoints:
       raise UserError(f'cannot write checkpoints under {self.directory} ({e.strerror or e}): '
                       'pass a writable --workdir.') from e
 
+  def __enter__(self) -> 'Checkpoints':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, metadata) of the newest checkpoint that restores, or None when there is none. A damaged newer
+    one is skipped with a warning saying which and why; a training job also moves it to workdir/damaged_checkpoints
+    (never deletes it), so its step number is free to be written again."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except DamagedCheckpoint as e:
+        logging.warning('%s; falling back to the checkpoint before it.', e)
+        self._set_aside(step)
+        continue
+      return step, state, meta
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if self.read_only:
+      return
+    target = self.directory.parent / DAMAGED_DIR / f'{step}-{datetime.datetime.now():%Y%m%dT%H%M%S}'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (self.directory / str(step)).rename(target)
+    logging.warning('Moved the damaged checkpoint of step %d to %s (kept for inspection).', step, target)
+    self.manager.reload()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     meta = {**meta, 'fingerprint': self.expected}
@@ -64,8 +108,7 @@ class Checkpoints:
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # orbax raises many types for a damaged directory
-      raise UserError(f'checkpoint {where} is unreadable ({type(e).__name__}): move it away to resume from an '
-                      'earlier one, or start a fresh --workdir.') from e
+      raise DamagedCheckpoint(f'checkpoint {where} is unreadable ({type(e).__name__})') from e
     found = meta.get('fingerprint') or {}
     if found != self.expected:
       keys = sorted(self.expected.keys() | found.keys())
@@ -77,9 +120,9 @@ class Checkpoints:
                       f'--workdir, or {hint}.')
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:
-      raise UserError(f'checkpoint {where} does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]}): '
-                      'move it away to resume from an earlier one, or start a fresh --workdir.') from e
+    except Exception as e:  # orbax/tensorstore raise many types for damaged array files
+      detail = str(e).splitlines()[0][:160] if str(e) else ''
+      raise DamagedCheckpoint(f'checkpoint {where} does not restore ({type(e).__name__}: {detail})') from e
     return restored['state'], meta
 
   def close(self) -> None:

@@ -25,6 +25,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
   (ml_collections raises AttributeError/KeyError for an unknown `--config.field`, which absl does not catch.)
   """
+  seen: set[str] = set()
+  for arg in argv[1:]:
+    name = arg.split('=', 1)[0]
+    if name.startswith('--config.'):
+      if name in seen:  # ml_collections would concatenate a tuple given twice, or keep the last value
+        fail(f'{name} is given twice: give each config override once.')
+      seen.add(name)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -33,6 +33,7 @@ class Options:
   workdirs: Sequence[str] | None = None
   labels: Sequence[str] | None = None
   out: str | None = None
+  resume_with_changes: bool = False
 
 
 def _render(options: Options, result: Any, text: str) -> str:
@@ -44,9 +45,8 @@ def _optional(value: Any) -> list[Any] | None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
-  del options
   from mutualnet_jax import train as training  # noqa: PLC0415  heavy: JAX + TensorFlow
-  summary = training.train_and_evaluate(config, workdir)
+  summary = training.train_and_evaluate(config, workdir, accept_changes=options.resume_with_changes)
   return f"Trained to step {summary['step']} of {summary['total_steps']} in {summary['wall_seconds']:.0f} s."
 
 
@@ -59,6 +59,8 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str, options: Options)
 
 def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
   from mutualnet_jax import sweep as sweeping  # noqa: PLC0415  heavy: JAX + TensorFlow
+  if options.latency_repeats < 1:
+    raise UserError(f'--latency_repeats must be at least 1, got {options.latency_repeats}.')
   s = sweeping.run_sweep(config, workdir, options.widths, options.resolutions,
                          latency_repeats=options.latency_repeats)
   return _render(options, s, f"{s['configurations']} configurations in {s['wall_seconds']:.0f} s "
@@ -77,16 +79,10 @@ def query(config: ml_collections.ConfigDict | None, workdir: str, options: Optio
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
-  from mutualnet_jax import export as exporting, trained_run  # noqa: PLC0415  heavy: JAX + TensorFlow
+  from mutualnet_jax import api  # noqa: PLC0415  heavy: JAX + TensorFlow
   if options.width is None or options.resolution is None:
     raise UserError('--mode=export needs --width and --resolution.')
-  width, resolution = trained_run.check_request(config, options.width, options.resolution)
-  run = trained_run.open_run(config, workdir)
-  stats, _ = run.stats(width, resolution)
-  exported = exporting.build(run.model, run.params, stats, width, resolution, run.channels, config.resize_antialias)
-  source = {'workdir': str(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest}
-  path = options.out or exporting.default_path(workdir, width, resolution)
-  return str(exporting.save(exported, path, config.model.to_dict(), source))
+  return str(api.open(workdir, config).export(options.width, options.resolution, options.out))
 
 
 def plot(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:
@@ -108,4 +104,7 @@ def run(mode: str, config: ml_collections.ConfigDict | None, workdir: str, optio
   if config is None and mode in _NEEDS_CONFIG:
     workdir_lib.require_checkpoint(workdir)  # the first thing missing from an untrained workdir
     config = workdir_lib.saved_config(workdir)
+  if config is not None and mode in ('train',) + _NEEDS_CONFIG:
+    from mutualnet_jax import config_check  # noqa: PLC0415  heavy (JAX): query and plot must not load it
+    config_check.check(config)
   return _FUNCTIONS[mode](config, workdir, options)

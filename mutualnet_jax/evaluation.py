@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from mutualnet_jax import parallel
 from mutualnet_jax.bn_calibration import BNShapes, pad_stats
+from mutualnet_jax.errors import UserError
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
 
@@ -64,6 +65,6 @@ class Evaluator:
       c = fn(variables, batch['image'], batch['label'], batch['mask'], active)
       total = c if total is None else total + c
     if total is None:
-      raise ValueError('evaluation got no batches.')
+      raise UserError('evaluation got no batch: the eval split is empty; set --config.eval_split to one with images.')
     hit1, hit5, n = (float(v) for v in jax.device_get(total))
     return {'top1': hit1 / n, 'top5': hit5 / n, 'count': n}

@@ -1,4 +1,5 @@
-"""A standalone sub-network: the parameter slices one (width, resolution) uses, plus its BN statistics.
+"""A standalone sub-network: the parameter slices one (width, resolution) uses, its BN statistics, and the
+preprocessing that turns raw pixels into its input.
 
 The slimmable model holds every parameter at full width and slices the leading channels on each call. An export
 keeps only those slices (each array exactly the shape the sub-network uses) and that configuration's statistics,
@@ -6,7 +7,16 @@ saved with orbax next to a JSON config. `load(path)` gives an `ExportedModel` wh
 code with every slimmable layer rebuilt at the exported sizes, so each array is used whole: no slicing at run time,
 and the outputs equal the slimmable model's at that configuration.
 
-  model = export.load('workdir/export/w0.7_r160'); logits = model.predict(images)  # images (B, H, W, C), normalised
+An export also keeps the run's evaluation preprocessing (normalisation constants, pipeline input size, centre crop),
+so the model itself takes raw pixels, as a camera or an image file gives them:
+
+  net = export.load('workdir/export/w0.7_r160')
+  logits = net(images)                  # raw uint8 or [0, 255] float images (B, H, W, C), any size
+  top = net.top_k(images, k=5)          # classes and probabilities
+  logits = net.predict(normalised)      # images already normalised like the training pipeline
+
+Exports of format 1 (before the preprocessing was saved) still load and `predict`; calling them on raw images is
+refused with a message saying to export again.
 """
 from __future__ import annotations
 
@@ -29,7 +39,8 @@ from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
 
 EXPORT_DIR = 'export'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the preprocessing of raw pixels is saved with the network
+READABLE_VERSIONS = (1, 2)
 _LAYERS = (slim.SlimConv, slim.SlimDense, slim.SlimBatchNorm)
 
 
@@ -105,20 +116,70 @@ def apply_narrow(model: SlimmableModel, variables: Mapping[str, Any], images: ja
 
 
 @dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """Raw pixels -> the network's normalised input, as the run's evaluation pipeline made it: centre crop (the
+  ImageNet recipe's 0.875 of the shorter side; 1.0 keeps the whole image), antialiased bilinear resize to the square
+  size the pipeline delivered, then per-channel normalisation. The model then resizes to its resolution."""
+  mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
+  std: tuple[float, ...]
+  input_size: int          # the square size the pipeline delivered (max resolution or config.image_size)
+  crop_fraction: float = 1.0
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """A (B, H, W, C) batch of [0, 255] pixels (any H, W) -> (B, input_size, input_size, C), normalised."""
+    images = images.astype(jnp.float32)
+    b, h, w, c = images.shape
+    if self.crop_fraction < 1.0:
+      side = int(self.crop_fraction * min(h, w))
+      top, left = (h - side + 1) // 2, (w - side + 1) // 2
+      images = images[:, top:top + side, left:left + side]
+    if images.shape[1:3] != (self.input_size, self.input_size):
+      images = jax.image.resize(images, (b, self.input_size, self.input_size, c), 'bilinear', antialias=True)
+    mean = 255.0 * jnp.asarray(self.mean, jnp.float32)
+    return (images - mean) / (255.0 * jnp.asarray(self.std, jnp.float32))
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> Preprocessing:
+    return cls(tuple(data['mean']), tuple(data['std']), int(data['input_size']), float(data['crop_fraction']))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+  """The k most probable classes per image, most probable first."""
+  classes: np.ndarray        # (B, k) int
+  probabilities: np.ndarray  # (B, k) float
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportedModel:
-  """A fixed (width, resolution) network: narrow parameters, its BN statistics and the backbone that runs them."""
+  """A fixed (width, resolution) network: narrow parameters, its BN statistics, the backbone that runs them and the
+  preprocessing of raw pixels (None for format-1 exports, which only `predict` normalised images)."""
   model: SlimmableModel
   variables: Mapping[str, Any]  # {'params': narrow, 'batch_stats': this configuration's statistics}
   width: float
   resolution: int
   channels: int
   antialias: bool = False
+  preprocessing: Preprocessing | None = None
+
+  def forward(self, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
+    """Logits of normalised (B, H, W, C) images, resized to the resolution: pure, for jit and jax2tf."""
+    return apply_narrow(self.model, variables, resize(images, self.resolution, self.antialias), self.width)
+
+  def forward_raw(self, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
+    """Logits of raw [0, 255] (B, H, W, C) images: the preprocessing, then `forward` (pure, for jit and jax2tf)."""
+    return self.forward(variables, self.require_preprocessing()(images))
 
   @functools.cached_property
   def _predict(self):
-    def predict(variables, images):
-      return apply_narrow(self.model, variables, resize(images, self.resolution, self.antialias), self.width)
-    return jax.jit(predict)
+    return jax.jit(self.forward)
+
+  @functools.cached_property
+  def _logits(self):
+    return jax.jit(self.forward_raw)
 
   def predict(self, images: Any) -> jax.Array:
     """Logits for a (B, H, W, C) batch normalised like the training pipeline; resized to the resolution if needed."""
@@ -127,22 +188,62 @@ class ExportedModel:
       raise UserError(f'expected images shaped (batch, height, width, {self.channels}), got {images.shape}.')
     return self._predict(self.variables, images)
 
+  def __call__(self, images: Any) -> jax.Array:
+    """Logits of raw images: uint8 or float in [0, 255], (B, H, W, C) or one (H, W, C) image, any H and W."""
+    batch, single = self._raw_batch(images)
+    logits = self._logits(self.variables, batch)
+    return logits[0] if single else logits
+
+  def probabilities(self, images: Any) -> jax.Array:
+    """Class probabilities (softmax of the logits) of raw images, shaped like `__call__`'s output."""
+    return jax.nn.softmax(self(images), axis=-1)
+
+  def top_k(self, images: Any, k: int = 5) -> TopK:
+    """The k most probable classes of raw images and their probabilities (one row per image; a single image gives
+    one row too)."""
+    if not isinstance(k, int) or not 1 <= k <= self.model.num_classes:
+      raise UserError(f'k must be an integer in [1, {self.model.num_classes}] (the number of classes), got {k!r}.')
+    probabilities, classes = jax.lax.top_k(jnp.atleast_2d(self.probabilities(images)), k)
+    return TopK(np.asarray(classes), np.asarray(probabilities))
+
+  def require_preprocessing(self) -> Preprocessing:
+    """The preprocessing of raw images, or a one-line error saying how to get a network that has one."""
+    if self.preprocessing is None:
+      raise UserError('this network has no saved preprocessing (exports before format 2 lack it), so it cannot take '
+                      'raw images: export it again (mutualnet_jax.open(workdir).export(...)), or pass normalised '
+                      'images to .predict().')
+    return self.preprocessing
+
+  def _raw_batch(self, images: Any) -> tuple[jax.Array, bool]:
+    """Raw images as a float32 (B, H, W, C) batch, and whether one unbatched image was given."""
+    self.require_preprocessing()
+    images = jnp.asarray(images)
+    if images.dtype == jnp.bool_ or not (jnp.issubdtype(images.dtype, jnp.integer)
+                                         or jnp.issubdtype(images.dtype, jnp.floating)):
+      raise UserError(f'expected pixel values (uint8, or floats in [0, 255]), got dtype {images.dtype}.')
+    if images.ndim not in (3, 4) or images.shape[-1] != self.channels:
+      raise UserError(f'expected images shaped (batch, height, width, {self.channels}) or (height, width, '
+                      f'{self.channels}), got {images.shape}: channels last (add one with images[..., None]).')
+    single = images.ndim == 3
+    return (images[None] if single else images).astype(jnp.float32), single
+
 
 def build(model: SlimmableModel, params: Any, stats: Any, width: float, resolution: int, channels: int,
-          antialias: bool = False) -> ExportedModel:
+          antialias: bool = False, preprocessing: Preprocessing | None = None) -> ExportedModel:
   """The exported form of the slimmable `model` at (width, resolution), in memory."""
   variables = {'params': narrow_params(model, params, width, resolution, channels),
                'batch_stats': jax.device_get(stats)}
-  return ExportedModel(model.clone(bn_groups=1), variables, width, int(resolution), channels, antialias)
+  return ExportedModel(model.clone(bn_groups=1), variables, width, int(resolution), channels, antialias, preprocessing)
 
 
 def save(exported: ExportedModel, path: str | epath.PathLike, model_config: Mapping[str, Any],
          source: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes items 'params', 'batch_stats' and 'config' (JSON) atomically; replaces an earlier export."""
   path = workdir_lib.absolute(path)
+  preprocessing = exported.preprocessing.to_json() if exported.preprocessing else None
   config = {'format_version': FORMAT_VERSION, 'model': dict(model_config), 'width': exported.width,
             'resolution': exported.resolution, 'channels': exported.channels, 'antialias': exported.antialias,
-            'source': dict(source or {})}
+            'preprocessing': preprocessing, 'source': dict(source or {})}
   path.parent.mkdir(parents=True, exist_ok=True)
   ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(path, args=ocp.args.Composite(
       params=ocp.args.StandardSave(exported.variables['params']),
@@ -152,7 +253,8 @@ def save(exported: ExportedModel, path: str | epath.PathLike, model_config: Mapp
 
 
 def load(path: str | epath.PathLike) -> ExportedModel:
-  """An exported sub-network, ready to `predict`; a UserError when `path` holds no readable export."""
+  """An exported sub-network, ready to `predict` (and, from format 2 on, to take raw images); a UserError when
+  `path` holds no readable export."""
   path = workdir_lib.absolute(path)
   try:
     item = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=ocp.args.Composite(
@@ -160,12 +262,14 @@ def load(path: str | epath.PathLike) -> ExportedModel:
   except Exception as e:  # orbax raises many types for a missing or damaged directory
     raise UserError(f'{path} is not a readable export ({type(e).__name__}): export again with --mode=export.') from e
   config = item['config']
-  if config.get('format_version') != FORMAT_VERSION:
-    raise UserError(f'{path} has export format {config.get("format_version")}, this code reads {FORMAT_VERSION}: '
-                    'export again with --mode=export.')
+  if config.get('format_version') not in READABLE_VERSIONS:
+    raise UserError(f'{path} has export format {config.get("format_version")}, this code reads '
+                    f'{", ".join(map(str, READABLE_VERSIONS))}: export again with --mode=export.')
   variables = {'params': item['params'], 'batch_stats': item['batch_stats']}
+  preprocessing = config.get('preprocessing')  # absent in format 1
   return ExportedModel(get_model(config['model']), variables, config['width'], config['resolution'],
-                       config['channels'], config['antialias'])
+                       config['channels'], config['antialias'],
+                       Preprocessing.from_json(preprocessing) if preprocessing else None)
 
 
 def default_path(workdir: str, width: float, resolution: int) -> epath.Path:

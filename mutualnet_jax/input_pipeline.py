@@ -35,7 +35,7 @@ _MEAN_STD = {  # per-channel mean and std of the training images, in [0, 1] unit
 # AlexNet's PCA lighting noise (the official MutualNet/US-Net `Lighting` transform), in [0, 1] pixel units.
 _PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 _PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
-_EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize the shorter side to S / 0.875, then take the centre S x S
+EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize the shorter side to S / 0.875, then take the centre S x S
 _CACHE_LIMIT_BYTES = 1 << 30  # decoded splits up to this size are cached in memory after the first epoch
 _TRAIN_STREAM, _CALIBRATION_STREAM = 0, 1  # keep the training and calibration random streams apart
 _REPLAY_LIMIT_BYTES = 1 << 30  # passes up to this size are kept in host memory after the first
@@ -220,7 +220,7 @@ class _Preprocessor:
 
   def _centre_window(self, image: tf.Tensor) -> tf.Tensor:
     height_width = self._height_width(image)
-    side = tf.cast(_EVAL_CROP_FRACTION * tf.cast(tf.reduce_min(height_width), tf.float32), tf.int32)
+    side = tf.cast(EVAL_CROP_FRACTION * tf.cast(tf.reduce_min(height_width), tf.float32), tf.int32)
     offsets = (height_width - side + 1) // 2
     return tf.concat([offsets, [side, side]], axis=0)
 
@@ -259,8 +259,9 @@ def normalization(config: ml_collections.ConfigDict, channels: int) -> tuple[tup
   elif _base_name(config.dataset) in _MEAN_STD:
     mean, std = _MEAN_STD[_base_name(config.dataset)]
   else:
+    example = ', '.join(['0.5'] * channels)
     raise UserError(f'no normalisation known for dataset {config.dataset!r}: set --config.mean and --config.std to '
-                    f'its per-channel training mean and std in [0, 1] units, e.g. "({", ".join(["0.5"] * channels)},)".')
+                    f'its per-channel training mean and std in [0, 1] units, e.g. "({example},)".')
   if len(mean) != channels or len(std) != channels or min(std) <= 0:
     raise UserError(f'config.mean={mean} and config.std={std} must give {channels} values each (the images have '
                     f'{channels} channels), stds > 0.')

@@ -147,6 +147,14 @@ def describe(row: Row) -> str:
           f'{row.macs / 1e6:.4g} MFLOPs, {row.params / 1e6:.4g} M params, {row.latency_ms:.3g} ms at batch 1')
 
 
+def format_markdown(rows: Sequence[Row]) -> str:
+  """A Markdown table (TensorBoard's text dashboard and the README render it)."""
+  lines = ['| width | res | MFLOPs | Mparams | top-1 % | top-5 % | ms @ batch 1 |', '| ---: ' * 7 + '|']
+  lines += [f'| {r.width:g} | {r.resolution} | {r.macs / 1e6:.2f} | {r.params / 1e6:.3f} | {100 * r.top1:.2f} | '
+            f'{100 * r.top5:.2f} | {r.latency_ms:.3g} |' for r in rows]
+  return '\n'.join(lines)
+
+
 def format_rows(rows: Sequence[Row]) -> str:
   """A fixed-width text table (the README's format)."""
   lines = [f"{'width':>6} {'res':>4} {'MFLOPs':>9} {'Mparams':>8} {'top1 %':>7} {'top5 %':>7} {'ms@1':>7} "

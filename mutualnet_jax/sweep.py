@@ -15,13 +15,14 @@ import time
 from typing import Any, Iterator, Sequence
 
 import jax
+import matplotlib.image
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
+from clu import metric_writers, periodic_actions
 from etils import epath
 
-from mutualnet_jax import export, input_pipeline, latency, plots, profile, query
+from mutualnet_jax import export, input_pipeline, latency, plots, profile, query, workdir as workdir_lib
 from mutualnet_jax.compilation import CompileCounter
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.query import Row
@@ -34,6 +35,16 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[
               resolutions: Sequence[int] | None = None) -> dict[str, Any]:
   """Fills the statistics store for the selection (default: the whole grid); reuses valid entries."""
   pairs = selection(config, widths, resolutions)
+  with _writer(workdir, 'calibrate'):
+    return _calibrate(config, workdir, pairs)
+
+
+def _writer(workdir: str, what: str) -> contextlib.AbstractContextManager:
+  """The workdir's lock, held by process 0 (the one that writes the store and the table)."""
+  return workdir_lib.lock(workdir, what) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def _calibrate(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]]) -> dict[str, Any]:
   run = open_run(config, workdir)
   start, computed = time.perf_counter(), 0
   progress = periodic_actions.ReportProgress(num_train_steps=len(pairs), every_secs=30.0)
@@ -109,6 +120,29 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]],
                 'calibration_images': config.calibration_images}
 
 
+TENSORBOARD_DIR = 'sweep'  # beside training's event files: TensorBoard shows the sweep as its own run
+
+
+def write_tensorboard(rows: Sequence[Row], workdir: str, plot: epath.Path, checkpoint_step: int) -> epath.Path:
+  """The table in TensorBoard (clu writers): per resolution, top-1/top-5, MFLOPs and latency along the widths (step
+  = width in percent); the Pareto frontier along MACs (step = kMACs) and as a text table; the Accuracy-MACs figure
+  as an image at the checkpoint's step."""
+  logdir = epath.Path(workdir) / TENSORBOARD_DIR
+  writer = metric_writers.create_default_writer(os.fspath(logdir), asynchronous=False)
+  for r in rows:
+    writer.write_scalars(int(round(100 * r.width)), {
+        f'top1/{r.resolution}px': r.top1, f'top5/{r.resolution}px': r.top5,
+        f'mflops/{r.resolution}px': r.macs / 1e6, f'latency_ms/{r.resolution}px': r.latency_ms})
+  frontier = query.pareto_frontier(rows)
+  for r in frontier:
+    writer.write_scalars(int(round(r.macs / 1e3)), {'pareto/top1': r.top1, 'pareto/width': r.width,
+                                                    'pareto/resolution': r.resolution})
+  writer.write_texts(checkpoint_step, {'pareto_frontier': query.format_markdown(frontier)})
+  writer.write_images(checkpoint_step, {'accuracy_macs': matplotlib.image.imread(os.fspath(plot))[None]})
+  writer.close()
+  return logdir
+
+
 def _merge_with_table(workdir: str, rows: list[Row], meta: dict[str, Any]) -> list[Row]:
   """A partial sweep updates its own rows: earlier rows of the same weights, device and eval split are kept."""
   try:
@@ -127,6 +161,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[
   earlier one of the same checkpoint) and its plot; returns a summary, also written to `sweep_summary.json`."""
   start = time.perf_counter()
   pairs = selection(config, widths, resolutions)
+  with _writer(workdir, 'sweep'):
+    return _sweep(config, workdir, pairs, latency_repeats, start)
+
+
+def _sweep(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]], latency_repeats: int,
+           start: float) -> dict[str, Any]:
   run = open_run(config, workdir)
   rows, summary = _measure(run, pairs, latency_repeats)
   summary.update(device=str(jax.local_devices()[0]), backend=jax.default_backend())
@@ -136,8 +176,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[
   if jax.process_index() == 0:
     rows = _merge_with_table(workdir, rows, meta)
     summary['table'] = [os.fspath(p) for p in query.write_table(rows, workdir, meta)]
-    summary['plot'] = os.fspath(plots.accuracy_macs(rows, epath.Path(workdir) / plots.PLOT_NAME,
-                                                    title=f'{config.method} {config.model.name}'))
+    plot = plots.accuracy_macs(rows, epath.Path(workdir) / plots.PLOT_NAME,
+                               title=f'{config.method} {config.model.name}')
+    summary['plot'] = os.fspath(plot)
+    summary['tensorboard'] = os.fspath(write_tensorboard(rows, workdir, plot, run.step))
   summary['wall_seconds'] = time.perf_counter() - start
   if jax.process_index() == 0:
     (epath.Path(workdir) / SUMMARY).write_text(json.dumps(summary, indent=1))

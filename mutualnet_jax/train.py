@@ -9,6 +9,7 @@ sub-network before a single `optimizer.step()`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import os
 import signal
@@ -193,11 +194,37 @@ class PreemptionGuard:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def mean_metrics(history: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
-  """Averages per-step device scalars once per log interval (one host transfer)."""
-  history = jax.device_get(list(history))
+def mean_metrics(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Averages per-step scalars of a log interval."""
   keys = sorted({k for h in history for k in h})
   return {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
+
+
+def finite_history(history: Sequence[Mapping[str, jax.Array]], first_step: int, last_saved: int,
+                   workdir: str, retrying: bool = False) -> list[dict[str, float]]:
+  """The metrics of steps first_step+1, ... on the host (one transfer); a UserError at the first step whose loss or
+  gradient norm is not finite, after recording the divergence in config.json so that the fix (an optimiser setting)
+  may be resumed without --resume_with_changes. Nothing after `last_saved` was saved, so no non-finite state ever
+  reaches a checkpoint. `retrying`: this run resumed `last_saved` after an earlier divergence and saved nothing since,
+  so that checkpoint itself is suspect."""
+  host = jax.device_get(list(history))
+  for i, metrics in enumerate(host):
+    bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+      step = first_step + i + 1
+      if jax.process_index() == 0:
+        workdir_lib.save_config(workdir_lib.saved_config(workdir), workdir,
+                                **{workdir_lib.DIVERGED_KEY: {'step': step, 'last_checkpoint': last_saved}})
+      name, value = sorted(bad.items())[0]
+      if retrying:
+        raise UserError(f'training diverged again: {name} is {value} at step {step}, after resuming the checkpoint of '
+                        f'step {last_saved} with new settings: its weights may already be damaged; start a fresh '
+                        '--workdir (with the lower learning rate).')
+      where = (f'the last finite checkpoint is step {last_saved}, which the same command resumes from' if last_saved
+               else 'no checkpoint was saved before it, so the same command starts afresh')
+      raise UserError(f'training diverged: {name} is {value} at step {step}; {where}. Lower --config.learning_rate '
+                      '(or raise --config.warmup_epochs) and run it again.')
+  return host
 
 
 def _num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -236,9 +263,64 @@ class InTrainingEval:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the latest checkpoint in `workdir`), evaluates periodically, returns a summary."""
+def _check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, accept_changes: bool) -> bool:
+  """Resuming must continue the same run: a changed setting that would alter the data order, the schedule or the
+  sampled sub-networks is refused unless `accept_changes` (then recorded in config.json's history). After a
+  divergence, the optimiser settings may change without it (that is the fix); returns whether it did."""
+  try:
+    saved = workdir_lib.saved_config(workdir)
+  except UserError:
+    saved = None  # a checkpoint without config.json (copied by hand): nothing to compare against
+  changes = workdir_lib.config_changes(saved, config) if saved is not None else {}
+  diverged = workdir_lib.bookkeeping(workdir).get(workdir_lib.DIVERGED_KEY)
+  blocking = {k: v for k, v in changes.items() if not (diverged and k in workdir_lib.OPTIMISER_FIELDS)}
+  if blocking and not accept_changes:
+    changed = workdir_lib.describe_changes(blocking)
+    raise UserError(f'resuming {workdir} from step {step} with changed settings ({changed}) would make it another run '
+                    '(data order, schedule or sub-networks): use a fresh --workdir, the settings of its config.json, '
+                    'or --resume_with_changes to continue with them (recorded).')
+  if jax.process_index() == 0:
+    if changes:
+      logging.warning('Resuming with changed settings: %s (recorded in config.json).',
+                      workdir_lib.describe_changes(changes))
+      workdir_lib.record_changes(config, workdir, step, changes)
+      workdir_lib.save_config(config, workdir, **{workdir_lib.DIVERGED_KEY: None})
+    else:
+      workdir_lib.save_config(config, workdir)
+  return bool(diverged)
+
+
+def _initial_state(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
+                   ckpt: checkpointing.Checkpoints, accept_changes: bool) -> tuple[TrainState, int, bool]:
+  """The newest checkpoint that restores (damaged newer ones set aside), or fresh parameters; and whether the run
+  resumes after a divergence."""
+  restored = ckpt.restore_latest(trainer.abstract_state())
+  if restored is None:
+    if jax.process_index() == 0:
+      workdir_lib.save_config(config, workdir, **{workdir_lib.HISTORY_KEY: None, workdir_lib.DIVERGED_KEY: None})
+    return trainer.init_state(config.seed), 0, False
+  step, state, meta = restored
+  after_divergence = _check_resume(config, workdir, step, accept_changes)
+  if 'sampler' in meta:
+    logging.warning('The checkpoint at step %d kept the old stateful sampler; sub-networks are drawn from '
+                    '(seed, step) from now on (the data order is unchanged).', step)
+  logging.info('Resumed from step %d.', step)
+  return state, step, after_divergence
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       accept_changes: bool = False) -> dict[str, Any]:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates periodically, returns a summary.
+
+  The process holds the workdir's lock throughout (one writer per workdir); `accept_changes` resumes with changed
+  settings (see `_check_resume`)."""
   workdir_lib.check_writable(workdir)
+  holder = workdir_lib.lock(workdir, 'training') if jax.process_index() == 0 else contextlib.nullcontext()
+  with holder:
+    return _train(config, workdir, accept_changes)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool) -> dict[str, Any]:
   compilation.enable_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   info = input_pipeline.get_dataset_info(config)
@@ -248,21 +330,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = _num_train_steps(config, steps_per_epoch)
   trainer = Trainer(config, mesh, channels=info.channels, image_size=input_size(config), total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch)
-  ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                   expected=checkpointing.fingerprint(config, info.channels))
-  start = ckpt.latest_step() or 0
-  if start:
-    state, meta = ckpt.restore(start, trainer.abstract_state())
-    if 'sampler' in meta:
-      logging.warning('The checkpoint at step %d kept the old stateful sampler; sub-networks are drawn from '
-                      '(seed, step) from now on (the data order is unchanged).', start)
-    logging.info('Resumed from step %d.', start)
-  else:
-    state = trainer.init_state(config.seed)
+  with checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
+                                 expected=checkpointing.fingerprint(config, info.channels)) as ckpt:
+    state, start, after_divergence = _initial_state(config, workdir, trainer, ckpt, accept_changes)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    try:
+      return _loop(config, workdir, trainer, ckpt, writer, state, start, total_steps, steps_per_epoch,
+                   after_divergence)
+    finally:
+      writer.flush()
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0:
-    workdir_lib.save_config(config, workdir)
+
+def _loop(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, ckpt: checkpointing.Checkpoints,
+          writer: metric_writers.MetricWriter, state: TrainState, start: int, total_steps: int,
+          steps_per_epoch: int, after_divergence: bool) -> dict[str, Any]:
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
   buckets = trainer.sampler.buckets()
@@ -273,24 +354,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   evaluate = InTrainingEval(config, trainer) if config.eval_every_steps else None
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
+  if config.profile_steps and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                          first_profile=start + 10, every_secs=None))
   guard = PreemptionGuard()
   batches = input_pipeline.train_iterator(config, global_batch_size=config.batch_size, start_step=start)
   history, compiled_before, interval_start, summary = [], trainer.steps.num_compiled, time.perf_counter(), {}
   run_start, images_seen = time.perf_counter(), 0
-  step = start
+  step = last_saved = start
   end = total_steps if config.steps_per_run <= 0 else min(total_steps, start + config.steps_per_run)
   try:
     while step < end:
-      batch = parallel.global_batch(next(batches), mesh)
+      batch = parallel.global_batch(next(batches), trainer.mesh)
       state, metrics = trainer.step(state, batch, step)
       history.append(metrics)
       step += 1
       images_seen += config.batch_size
-      report(step)
+      for hook in hooks:
+        hook(step)
       stop = guard.should_stop(step, ckpt.manager)
-      if step % config.log_every_steps == 0 or step == end or stop:  # a run's last steps are logged too
-        scalars = mean_metrics(history)
+      log = step % config.log_every_steps == 0 or step == end or stop  # a run's last steps are logged too
+      save = step % config.checkpoint_every_steps == 0 or step == end or stop
+      if log or save:  # the divergence guard: nothing non-finite is logged as progress or saved
+        host = finite_history(history, step - len(history), last_saved, workdir,
+                              retrying=after_divergence and last_saved == start)
+      if log:
+        scalars = mean_metrics(host)
         elapsed = time.perf_counter() - interval_start
         scalars['learning_rate'] = float(trainer.schedule(step - 1))
         scalars['images_per_sec'] = len(history) * config.batch_size / elapsed
@@ -300,8 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           compiled_before = trainer.steps.num_compiled
         writer.write_scalars(step, scalars)
         history, interval_start = [], time.perf_counter()
-      if step % config.checkpoint_every_steps == 0 or step == end or stop:
+      if save:
         ckpt.save(step, state, {'step': step})
+        last_saved = step
       if evaluate and (step % eval_every == 0 or step == total_steps):
         summary = evaluate(state.params)
         writer.write_scalars(step, summary)
@@ -310,8 +401,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
   finally:
     guard.restore()
-    ckpt.close()
-    writer.flush()
   summary = {**summary, 'step': step, 'total_steps': total_steps, 'wall_seconds': time.perf_counter() - run_start,
              'images_seen': images_seen, 'buckets_compiled': trainer.steps.num_compiled,
              'compile_seconds': sum(trainer.steps.compile_seconds.values())}

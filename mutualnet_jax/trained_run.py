@@ -132,21 +132,22 @@ class TrainedRun:
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
-  """Restores the latest checkpoint of `workdir` (a UserError when there is none or it is of another model)."""
+  """Restores the newest checkpoint of `workdir` that restores (a UserError when there is none, it is of another
+  model, or its parameters are not finite)."""
   workdir_lib.require_checkpoint(workdir)
   compilation.enable_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   info = input_pipeline.get_dataset_info(config)
-  ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                   expected=checkpointing.fingerprint(config, info.channels), read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise UserError(f'no finished checkpoint in {ckpt.directory}: train first or pass the --workdir of a trained '
-                      'run.')
-    state, _ = ckpt.restore(step, abstract_run_state(config, info.channels, mesh))
-  finally:
-    ckpt.close()
+  with checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints, read_only=True,
+                                 expected=checkpointing.fingerprint(config, info.channels)) as ckpt:
+    restored = ckpt.restore_latest(abstract_run_state(config, info.channels, mesh))
+  if restored is None:
+    raise UserError(f'no checkpoint in {ckpt.directory} restores: train again, or pass the --workdir of a trained '
+                    'run.')
+  step, state, _ = restored
+  if not checkpointing.all_finite(state.params):
+    raise UserError(f'the checkpoint of step {step} in {ckpt.directory} holds non-finite parameters (the run '
+                    'diverged before it was saved): retrain with a lower learning rate in a fresh --workdir.')
   return TrainedRun(config=config, workdir=workdir, mesh=mesh, model=get_model(config.model), params=state.params,
                     step=int(step), channels=info.channels, image_size=input_size(config),
                     params_digest=tree_digest(state.params))

@@ -1,16 +1,22 @@
 """The layout of a run's workdir, without JAX: where checkpoints live, the config.json the run was trained with
 (so post-training modes need only --workdir), and the checks every mode makes before touching it.
 
-  workdir/checkpoints/<step>/   orbax checkpoints (mutualnet_jax.checkpointing)
-  workdir/config.json           the training config
+  workdir/checkpoints/<step>/   orbax checkpoints (mutualnet_jax.checkpointing); damaged ones are moved to
+  workdir/damaged_checkpoints/  (never deleted)
+  workdir/config.json           the training config, plus the history of accepted changes on resume
+  workdir/.lock                 held by the one process writing the workdir (training, calibrate, sweep, export)
   workdir/bn_stats/             BN statistics per (width, resolution) (mutualnet_jax.bn_calibration)
   workdir/query_table.{csv,json}, accuracy_macs.png, sweep_summary.json   the sweep (mutualnet_jax.sweep)
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 import ml_collections
 from etils import epath
@@ -18,7 +24,11 @@ from etils import epath
 from mutualnet_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'
 CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'
+HISTORY_KEY = 'resume_history'  # in config.json, beside the config: what changed when, accepted on resume
+DIVERGED_KEY = 'diverged'       # in config.json: the step a run stopped at with a non-finite loss
 
 
 def absolute(path: str | os.PathLike) -> epath.Path:
@@ -54,18 +64,126 @@ def _tuples(value: Any) -> Any:
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the training config next to the checkpoints, so post-training modes need only --workdir."""
-  (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json(indent=2, sort_keys=True))
+def _read_json(workdir: str) -> dict[str, Any] | None:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} is unreadable ({e}): pass --config (the config the run was trained with).') from None
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, **extra: Any) -> None:
+  """Writes the training config next to the checkpoints (post-training modes then need only --workdir), keeping
+  the resume history and any `extra` bookkeeping entries (None removes one); replaced atomically."""
+  data = json.loads(config.to_json(sort_keys=True))
+  old = _read_json(workdir) or {}
+  for key in (HISTORY_KEY, DIVERGED_KEY):
+    if key in old:
+      data[key] = old[key]
+  data.update(extra)
+  data = {k: v for k, v in data.items() if v is not None}
+  path = epath.Path(workdir) / CONFIG_FILE
+  tmp = path.parent / f'.{path.name}.tmp{os.getpid()}'
+  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+  tmp.replace(path)
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (a UserError when the workdir has none or it is damaged)."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  data = _read_json(workdir)
+  if data is None:
+    raise UserError(f'{epath.Path(workdir) / CONFIG_FILE} not found: pass --config (the config the run was trained '
+                    'with), or the --workdir of a run trained by main.py.')
+  return ml_collections.ConfigDict(_tuples({k: v for k, v in data.items() if k not in (HISTORY_KEY, DIVERGED_KEY)}))
+
+
+def bookkeeping(workdir: str) -> dict[str, Any]:
+  """The resume history and divergence record kept in config.json beside the config (empty when none)."""
+  data = _read_json(workdir) or {}
+  return {k: data[k] for k in (HISTORY_KEY, DIVERGED_KEY) if k in data}
+
+
+# Fields that change neither the trained function nor the data order, schedule or sampled sub-networks: free to
+# change when resuming (where the data is, how often to log/save/evaluate, post-training settings).
+FREE_TO_CHANGE = frozenset({
+    'data_dir', 'manual_dir', 'steps_per_run', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'eval_every_steps', 'eval_batch_size', 'eval_calibration_images', 'calibration_images', 'calibration_batch_size',
+    'compilation_cache_dir', 'precompile', 'profile_steps', 'sweep_width_step', 'eval_split', 'model.conv_impl'})
+# Optimisation settings a run that diverged may change without --resume_with_changes (the fix for a divergence).
+OPTIMISER_FIELDS = frozenset({'learning_rate', 'warmup_epochs', 'momentum', 'nesterov', 'weight_decay',
+                              'label_smoothing'})
+# What a field missing from an older config.json meant in the code that wrote it.
+LEGACY_VALUES = {'width_sampling': 'grid', 'capacities': (), 'color_jitter': 0.0, 'lighting': 0.0, 'mean': (),
+                 'std': (), 'init_from': '', 'profile_steps': 0}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_changes(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{field: (saved value, current value)} for every field whose change would make a resumed run another run."""
+  old, new = _flatten(_tuples(saved.to_dict())), _flatten(_tuples(current.to_dict()))
+  changes = {}
+  for field, value in new.items():
+    before = old.get(field, LEGACY_VALUES.get(field, value))
+    if field not in FREE_TO_CHANGE and before != value:
+      changes[field] = (before, value)
+  return changes
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+  return ', '.join(f'{field} {before!r} -> {after!r}' for field, (before, after) in sorted(changes.items()))
+
+
+def record_changes(config: ml_collections.ConfigDict, workdir: str, step: int, changes: dict[str, tuple]) -> None:
+  """Saves the new config with the accepted changes appended to its history."""
+  history = bookkeeping(workdir).get(HISTORY_KEY, [])
+  history.append({'step': step, 'time': datetime.datetime.now().isoformat(timespec='seconds'),
+                  'changes': {k: [_jsonable(a), _jsonable(b)] for k, (a, b) in changes.items()}})
+  save_config(config, workdir, **{HISTORY_KEY: history})
+
+
+def _jsonable(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+@contextlib.contextmanager
+def lock(workdir: str, what: str) -> Iterator[None]:
+  """Makes this process the one writer of `workdir` for the duration (an exclusive `flock` on workdir/.lock, which
+  the kernel releases when the process dies, so a killed writer never leaves a stale lock). A second writer gets a
+  one-line UserError naming the holder. Remote paths (gs://) and file systems without locks are not locked."""
+  path = epath.Path(workdir) / LOCK_FILE
+  if '://' in os.fspath(workdir):
+    yield
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
-  except FileNotFoundError:
-    raise UserError(f'{path} not found: pass --config (the config the run was trained with), or the --workdir '
-                    'of a run trained by main.py.') from None
-  except (OSError, ValueError) as e:
-    raise UserError(f'{path} is unreadable ({e}): pass --config (the config the run was trained with).') from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'another process'
+      raise UserError(f'workdir {workdir} is in use by {holder}: wait for it to finish, or use another '
+                      '--workdir.') from None
+    except OSError:
+      yield  # no locking on this file system
+      return
+    stamp = datetime.datetime.now().isoformat(timespec='seconds')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{what} (pid {os.getpid()} on {socket.gethostname()}, since {stamp})'.encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)

@@ -1,14 +1,25 @@
-"""Export: narrow parameters + statistics saved with orbax; `predict` equals the slimmable model and slices nothing."""
+"""Export: narrow parameters + statistics saved with orbax; `predict` equals the slimmable model and slices nothing;
+the TensorFlow forms (SavedModel, TFLite) equal the JAX network on real images."""
+import dataclasses
+import os
+import subprocess
+import sys
+
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from mutualnet_jax import export
+from mutualnet_jax import api, bn_calibration, export, input_pipeline, parallel, tf_export
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
 from mutualnet_jax.preprocess import resize
+from tests.util import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {'tiny_convnet': dict(num_downsample=3), 'mobilenet_v2': dict(num_downsample=3)}
 
@@ -82,3 +93,103 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   exported = export.build(model, params, stats, 0.25, 8, channels=1)
   with pytest.raises(UserError, match=r'expected images shaped \(batch, height, width, 1\)'):
     exported.predict(np.zeros((2, 8, 8, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TensorFlow forms (SavedModel, TFLite) on real Fashion-MNIST test images, preprocessing built in.
+
+@pytest.fixture(scope='module')
+def fashion_net(fashion_data_dir):
+  """A tiny network with BN statistics calibrated on real images and a classifier scaled so logits are O(1) (an
+  untrained one's are ~0.01: equality of near-zero outputs would prove little); plus 64 raw uint8 test images."""
+  config = tiny_config(data_dir=str(fashion_data_dir))
+  model = get_model(dict(config.model, conv_impl='xla'))
+  params = jax.device_get(init_params(model, jax.random.key(0), 8, 1))
+  params['classifier']['kernel'] = params['classifier']['kernel'] * 300.0
+  batches = input_pipeline.calibration_iterator(config, num_images=128, global_batch_size=64)
+  stats = bn_calibration.Calibrator(model, parallel.make_mesh()).calibrate(params, 0.5, 16, batches)
+  net = export.build(model, params, stats, 0.5, 16, 1, preprocessing=api.preprocessing(config, 1))
+  data = tfds.builder(config.dataset, data_dir=str(fashion_data_dir)).as_dataset(split='test').take(64)
+  images = np.stack([e['image'] for e in data.as_numpy_iterator()])
+  return net, images
+
+
+def test_saved_model_equals_the_jax_network_on_real_images(fashion_net, tmp_path):
+  """Same StableHLO on XLA:CPU: equal up to float32 rounding (|difference| <= 1e-5 x the largest logit)."""
+  net, images = fashion_net
+  expected = np.asarray(net(images))
+  scale = float(np.abs(expected).max())
+  assert scale > 1.0
+  path = tf_export.save_saved_model(net, tmp_path / 'saved_model', input_size=(28, 28))
+  serve = tf.saved_model.load(str(path)).signatures['serving_default']
+  got = serve(images=tf.constant(images, tf.float32))['logits'].numpy()
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_tflite_equals_the_jax_network_on_real_images(fashion_net, tmp_path):
+  """TFLite's float32 kernels (XNNPACK) sum in another order: |difference| <= 1e-4 x the largest logit, and the
+  same top-1 class for every image."""
+  net, images = fashion_net
+  expected = np.asarray(net(images))
+  path = tf_export.save_tflite(net, tmp_path / 'net.tflite', input_size=(28, 28))
+  runner = tf_export.interpreter(path, batch=len(images))
+  runner.set_tensor(runner.get_input_details()[0]['index'], images.astype(np.float32))
+  runner.invoke()
+  got = runner.get_tensor(runner.get_output_details()[0]['index'])
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+  np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize('size', [(40, 36), None])  # None: the pipeline's size (16 px here)
+def test_other_raw_input_sizes_are_resized_inside(fashion_net, size):
+  net, images = fashion_net
+  resized = np.asarray(jax.image.resize(images[:8].astype(np.float32), (8, *(size or (16, 16)), 1), 'bilinear'))
+  runner = tf_export.interpreter(tf_export.tflite_model(net, input_size=size), batch=8)
+  runner.set_tensor(runner.get_input_details()[0]['index'], resized)
+  runner.invoke()
+  expected = np.asarray(net(resized))
+  np.testing.assert_allclose(runner.get_tensor(runner.get_output_details()[0]['index']), expected, rtol=0,
+                             atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_tflite_latency(fashion_net, tmp_path):
+  net = fashion_net[0]
+  path = tf_export.save_tflite(net, tmp_path / 'net.tflite')
+  for batch in (1, 4):
+    ms = tf_export.tflite_latency_ms(path, batch=batch, repeats=3)
+    assert np.isfinite(ms) and ms > 0
+  assert tf_export.network_tflite_latency_ms(net, repeats=3) > 0  # the bare network, for the sweep
+  (tmp_path / 'bad.tflite').write_bytes(b'not a flatbuffer')
+  with pytest.raises(UserError, match='is not a TFLite model'):
+    tf_export.tflite_latency_ms(tmp_path / 'bad.tflite')
+
+
+def test_convert_an_export_from_disk(fashion_net, tmp_path):
+  net = fashion_net[0]
+  path = export.save(net, tmp_path / 'w0.5_r16', tiny_config().model.to_dict())
+  tflite = tf_export.convert_export(path, 'tflite')
+  assert tflite == tmp_path / 'w0.5_r16.tflite' and tflite.exists()
+  saved = tf_export.convert_export(path, 'saved_model', platforms=('cpu', 'cuda'))
+  assert (saved / 'saved_model.pb').exists()
+  with pytest.raises(UserError, match='unknown format'):
+    tf_export.convert_export(path, 'onnx')
+  with pytest.raises(UserError, match='TFLite models run on the CPU'):
+    tf_export.convert_export(path, 'tflite', platforms=('tpu',))
+  no_preprocessing = dataclasses.replace(net, preprocessing=None)
+  with pytest.raises(UserError, match='has no saved preprocessing'):
+    tf_export.tflite_model(no_preprocessing)
+  assert len(tf_export.tflite_model(no_preprocessing, raw=False)) > 0  # the bare network needs none
+
+
+@pytest.mark.slow
+def test_tf_export_command_line(fashion_net, tmp_path):
+  net = fashion_net[0]
+  path = export.save(net, tmp_path / 'net', tiny_config().model.to_dict())
+  out = subprocess.run([sys.executable, '-m', 'mutualnet_jax.tf_export', f'--export={path}', '--format=tflite',
+                        '--latency'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.splitlines()[0] == f'{path}.tflite' and 'ms at batch 1' in out.stdout
+  out = subprocess.run([sys.executable, '-m', 'mutualnet_jax.tf_export', f'--export={tmp_path / "missing"}'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+  last = out.stderr.strip().splitlines()[-1]  # TensorFlow's own start-up notices come first
+  assert out.returncode == 2 and last.startswith('error: ') and 'not a readable export' in last

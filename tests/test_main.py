@@ -88,9 +88,16 @@ def _main(workdir, *overrides):
           *overrides]
 
 
-def _tiny_overrides(data_dir, steps):
+def _tiny_overrides(data_dir, steps, *replacements):
+  """Command-line overrides for a tiny run; `replacements` ('--config.x=y') replace the defaults of their fields
+  (main.py refuses a field given twice)."""
+  replaced = {r.split('=', 1)[0] for r in replacements}
+  return [a for a in _tiny_defaults(data_dir, steps) if a.split('=', 1)[0] not in replaced] + list(replacements)
+
+
+def _tiny_defaults(data_dir, steps):
   return [f'--config.data_dir={data_dir}', '--config.model.name=tiny_convnet', '--config.model.num_downsample=3',
-          '--config.resolutions=(16,8)',
+          '--config.resolutions=(16,8)', '--config.capacities=(1.0,)',
           '--config.width_step=0.75', '--config.batch_size=16', f'--config.num_train_steps={steps}',
           '--config.checkpoint_every_steps=1', '--config.eval_every_steps=0',
           '--config.eval_calibration_images=64', '--config.calibration_batch_size=32',
@@ -119,7 +126,7 @@ def test_sigkill_mid_save_resumes_from_the_last_complete_checkpoint(fashion_data
 
 def test_sigterm_saves_stops_and_the_same_command_resumes(fashion_data_dir, tmp_path):
   steps, term_at = 8, 3
-  cmd = _main(tmp_path, *_tiny_overrides(fashion_data_dir, steps), '--config.checkpoint_every_steps=100')
+  cmd = _main(tmp_path, *_tiny_overrides(fashion_data_dir, steps, '--config.checkpoint_every_steps=100'))
   stopped = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'sigterm_at_step.py'), *cmd[2:]], cwd=ROOT,
                            capture_output=True, text=True, timeout=600,
                            env={**os.environ, 'SIGTERM_AT_STEP': str(term_at)})
@@ -205,7 +212,7 @@ def test_cli_errors_are_one_line(fashion_data_dir, tmp_path):
   wrong_type = subprocess.run(_main(tmp_path, '--config.batch_size=big'), cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
   assert wrong_type.returncode != 0 and 'batch_size' in wrong_type.stderr and 'Traceback' not in wrong_type.stderr
-  unknown = subprocess.run(_main(tmp_path, *_tiny_overrides(fashion_data_dir, 1), '--config.model.name=resnet9'),
+  unknown = subprocess.run(_main(tmp_path, *_tiny_overrides(fashion_data_dir, 1, '--config.model.name=resnet9')),
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert unknown.returncode == 2 and 'Traceback' not in unknown.stderr
   assert unknown.stderr.strip().splitlines()[-1].startswith("error: unknown model 'resnet9'")
