@@ -37,6 +37,10 @@ flags.DEFINE_integer('latency_repeats', 10, 'sweep: most timed calls per latency
                      'stops after 3 calls once 2 s are spent).')
 flags.DEFINE_float('budget_mflops', None, 'query: most millions of multiply-adds per image.')
 flags.DEFINE_float('budget_ms', None, 'query: most milliseconds at batch 1 (on the device the sweep ran on).')
+flags.DEFINE_enum('latency', 'jax', ['jax', 'tflite'], 'query: the runtime --budget_ms bounds (tflite: measured by '
+                  '--mode=sweep --tflite_latency).')
+flags.DEFINE_bool('tflite_latency', False, 'sweep: also time each configuration in the TFLite interpreter (about 2 s '
+                  'more per configuration), so --latency=tflite queries can target it.')
 flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep output: for people or for scripts.')
 flags.DEFINE_list('workdirs', None, 'plot: swept workdirs to overlay, each WORKDIR or WORKDIR@RES (rows at RES only).')
 flags.DEFINE_list('labels', None, 'plot: one label per --workdirs entry; equal labels are pooled.')
@@ -63,7 +67,8 @@ def main(argv):
       width=FLAGS.width, resolution=FLAGS.resolution, widths=parse_numbers(FLAGS.widths, float, 'widths'),
       resolutions=parse_numbers(FLAGS.resolutions, int, 'resolutions'), latency_repeats=FLAGS.latency_repeats,
       budget_mflops=FLAGS.budget_mflops, budget_ms=FLAGS.budget_ms, format=FLAGS.format, workdirs=FLAGS.workdirs,
-      labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes)
+      labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes,
+      tflite_latency=FLAGS.tflite_latency, latency=FLAGS.latency)
   print(commands.run(FLAGS.mode, loaded_config(FLAGS.config), FLAGS.workdir, options))
 
 

@@ -34,6 +34,8 @@ class Options:
   labels: Sequence[str] | None = None
   out: str | None = None
   resume_with_changes: bool = False
+  tflite_latency: bool = False
+  latency: str = 'jax'
 
 
 def _render(options: Options, result: Any, text: str) -> str:
@@ -62,7 +64,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> 
   if options.latency_repeats < 1:
     raise UserError(f'--latency_repeats must be at least 1, got {options.latency_repeats}.')
   s = sweeping.run_sweep(config, workdir, options.widths, options.resolutions,
-                         latency_repeats=options.latency_repeats)
+                         latency_repeats=options.latency_repeats, tflite_latency=options.tflite_latency)
   return _render(options, s, f"{s['configurations']} configurations in {s['wall_seconds']:.0f} s "
                              f"({s['compiles']} compilations): {', '.join(s.get('table', []))}; plot {s.get('plot')}")
 
@@ -74,7 +76,7 @@ def query(config: ml_collections.ConfigDict | None, workdir: str, options: Optio
     frontier = query_lib.pareto_frontier(rows)
     return _render(options, [query_lib.as_dict(r) for r in frontier],
                    'Pareto frontier (MACs):\n' + query_lib.format_rows(frontier))
-  best = query_lib.query(rows, options.budget_mflops, options.budget_ms)
+  best = query_lib.query(rows, options.budget_mflops, options.budget_ms, options.latency)
   return _render(options, query_lib.as_dict(best), query_lib.describe(best))
 
 

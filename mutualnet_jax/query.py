@@ -17,7 +17,8 @@ from etils import epath
 from mutualnet_jax.errors import UserError
 
 TABLE = 'query_table'
-COSTS = {'macs': 'MACs', 'latency_ms': 'latency'}
+COSTS = {'macs': 'MACs', 'latency_ms': 'latency', 'tflite_latency_ms': 'TFLite latency'}
+LATENCY_COLUMNS = {'jax': 'latency_ms', 'tflite': 'tflite_latency_ms'}  # what --budget_ms bounds, by --latency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,16 +30,21 @@ class Row:
   params: int
   top1: float
   top5: float
-  latency_ms: float        # batch 1, median
+  latency_ms: float        # batch 1, median, JAX on the sweep's device
   latency_batch_ms: float  # one eval batch, median
+  tflite_latency_ms: float | None = None  # batch 1, median, the TFLite interpreter on the sweep's CPU (optional)
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(Row))
+_OPTIONAL = {f.name for f in dataclasses.fields(Row) if f.default is None}
 
 
 def _row(values: dict[str, Any]) -> Row:
+  """A Row from JSON/CSV values; optional columns may be missing (older tables) or empty."""
   types = {f.name: f.type for f in dataclasses.fields(Row)}
-  return Row(**{k: {'float': float, 'int': int}[types[k]](values[k]) for k in COLUMNS})
+  convert = {'float': float, 'int': int, 'float | None': float}
+  return Row(**{k: None if k in _OPTIONAL and values.get(k) in (None, '', 'None') else convert[types[k]](values[k])
+                for k in COLUMNS})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -50,7 +56,8 @@ def write_table(rows: Sequence[Row], workdir: str, meta: dict[str, Any]) -> tupl
   directory = epath.Path(workdir)
   directory.mkdir(parents=True, exist_ok=True)
   csv_path, json_path = directory / f'{TABLE}.csv', directory / f'{TABLE}.json'
-  lines = [','.join(COLUMNS)] + [','.join(repr(getattr(r, c)) for c in COLUMNS) for r in rows]
+  cell = lambda v: '' if v is None else repr(v)  # noqa: E731
+  lines = [','.join(COLUMNS)] + [','.join(cell(getattr(r, c)) for c in COLUMNS) for r in rows]
   _write_atomically(csv_path, '\n'.join(lines) + '\n')
   _write_atomically(json_path, json.dumps({'meta': meta, 'rows': [dataclasses.asdict(r) for r in rows]}, indent=1))
   return csv_path, json_path
@@ -97,43 +104,55 @@ def _check_cost(cost: str) -> str:
 
 
 def pareto_frontier(rows: Sequence[Row], cost: str = 'macs') -> list[Row]:
-  """Rows no other row beats (cost <= and top-1 >=, one of them strictly), cheapest first."""
+  """Rows no other row beats (cost <= and top-1 >=, one of them strictly), cheapest first; rows without that cost
+  (an optional column not measured) are left out."""
   _check_cost(cost)
   frontier: list[Row] = []
-  for row in sorted(rows, key=lambda r: (getattr(r, cost), -r.top1)):
+  measured = [r for r in rows if getattr(r, cost) is not None]
+  for row in sorted(measured, key=lambda r: (getattr(r, cost), -r.top1)):
     if not frontier or row.top1 > frontier[-1].top1:
       frontier.append(row)
   return frontier
 
 
-def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: float | None = None) -> Row:
+def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: float | None = None,
+          latency: str = 'jax') -> Row:
   """The most accurate row within the budgets (MACs in millions, batch-1 latency in ms; either or both).
 
-  Ties in top-1 go to the cheaper row (by the budgeted cost, MACs first when both are given), then the higher top-5,
-  then the smaller width. Nothing within budget is a UserError naming the cheapest configuration.
+  `latency` picks the runtime `budget_ms` bounds: 'jax' (the sweep's own timing) or 'tflite' (the TFLite
+  interpreter, measured by `--mode=sweep --tflite_latency`). Ties in top-1 go to the cheaper row (by the budgeted
+  cost, MACs first when both are given), then the higher top-5, then the smaller width. Nothing within budget is a
+  UserError naming the cheapest configuration.
   """
   if budget_mflops is None and budget_ms is None:
     raise UserError('give a budget: --budget_mflops (millions of multiply-adds) and/or --budget_ms (latency).')
+  if latency not in LATENCY_COLUMNS:
+    raise UserError(f'--latency must be one of {sorted(LATENCY_COLUMNS)}, got {latency!r}.')
   if not rows:
     raise UserError('the query table is empty: run --mode=sweep again.')
+  column = LATENCY_COLUMNS[latency]
+  if budget_ms is not None and all(getattr(r, column) is None for r in rows):
+    raise UserError(f'the query table has no {COSTS[column]} column: sweep with --tflite_latency first.')
   fits = [r for r in rows if (budget_mflops is None or r.macs <= budget_mflops * 1e6)
-          and (budget_ms is None or r.latency_ms <= budget_ms)]
+          and (budget_ms is None or (getattr(r, column) is not None and getattr(r, column) <= budget_ms))]
   if not fits:
-    raise UserError(_nothing_fits(rows, budget_mflops, budget_ms))
-  primary = 'macs' if budget_mflops is not None else 'latency_ms'
-  secondary = 'latency_ms' if primary == 'macs' else 'macs'
-  return min(fits, key=lambda r: (-r.top1, getattr(r, primary), getattr(r, secondary), -r.top5, r.width,
+    raise UserError(_nothing_fits(rows, budget_mflops, budget_ms, column))
+  primary = 'macs' if budget_mflops is not None else column
+  secondary = column if primary == 'macs' else 'macs'
+  return min(fits, key=lambda r: (-r.top1, getattr(r, primary), getattr(r, secondary) or 0.0, -r.top5, r.width,
                                   -r.resolution))
 
 
-def _nothing_fits(rows: Sequence[Row], budget_mflops: float | None, budget_ms: float | None) -> str:
+def _nothing_fits(rows: Sequence[Row], budget_mflops: float | None, budget_ms: float | None,
+                  column: str = 'latency_ms') -> str:
   asked = ' and '.join(b for b in (budget_mflops is not None and f'{budget_mflops:g} MFLOPs',
                                    budget_ms is not None and f'{budget_ms:g} ms') if b)
+  ms = lambda r: 'not timed' if getattr(r, column) is None else f'{getattr(r, column):.3g} ms'  # noqa: E731
   cheapest = min(rows, key=lambda r: r.macs)
-  fastest = min(rows, key=lambda r: r.latency_ms)
+  timed = [r for r in rows if getattr(r, column) is not None]
+  fastest = f', the fastest runs in {ms(min(timed, key=lambda r: getattr(r, column)))}' if timed else ''
   return (f'no configuration fits {asked}: the smallest is width {cheapest.width:g} at {cheapest.resolution} px '
-          f'({cheapest.macs / 1e6:.4g} MFLOPs, {cheapest.latency_ms:.3g} ms), the fastest runs in '
-          f'{fastest.latency_ms:.3g} ms; raise the budget.')
+          f'({cheapest.macs / 1e6:.4g} MFLOPs, {ms(cheapest)}){fastest}; raise the budget.')
 
 
 def as_dict(row: Row) -> dict[str, Any]:

@@ -75,8 +75,10 @@ class _Timer:
       self.compile_seconds[name] = self.compile_seconds.get(name, 0.0) + self.counter.seconds - compiling
 
 
-def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int, repeats: int) -> tuple[float, float]:
-  """Median ms of the exported network at batch 1 and at the eval batch size, on the first local device."""
+def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int, repeats: int,
+               tflite: bool) -> tuple[float, float, float | None]:
+  """Median ms of the exported network at batch 1 and at the eval batch size, on the first local device, and at
+  batch 1 in the TFLite interpreter when asked."""
   model = export.build(run.model, run.params, stats, width, resolution, run.channels, run.config.resize_antialias)
   device = jax.local_devices()[0]
   variables = jax.device_put(model.variables, device)
@@ -86,11 +88,14 @@ def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int, repea
     images = jax.device_put(np.zeros((batch, resolution, resolution, run.channels), np.float32), device)
     compiled = predict.lower(variables, images).compile()
     out.append(latency.median_ms(lambda: compiled(variables, images), repeats=repeats))
-  return out[0], out[1]
+  if tflite:
+    from mutualnet_jax import tf_export  # noqa: PLC0415  optional: the TF converter and interpreter load on demand
+    out.append(tf_export.network_tflite_latency_ms(model, batch=1, repeats=repeats))
+  return out[0], out[1], (out[2] if tflite else None)
 
 
-def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]],
-             latency_repeats: int) -> tuple[list[Row], dict[str, Any]]:
+def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], latency_repeats: int,
+             tflite_latency: bool = False) -> tuple[list[Row], dict[str, Any]]:
   """One row per (width, resolution), reporting progress with an ETA; plus counts and seconds per phase."""
   config = run.config
   eval_batches = input_pipeline.Replay(
@@ -108,10 +113,10 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]],
       with timer.phase('evaluate'):
         acc = run.evaluate(stats, w, r, eval_batches)
       with timer.phase('latency'):
-        ms, ms_batch = _latencies(run, stats, w, r, latency_repeats)
+        ms, ms_batch, ms_tflite = _latencies(run, stats, w, r, latency_repeats, tflite_latency)
       calibrated += new
       count = int(acc['count'])
-      rows.append(Row(w, r, costs[w, r].macs, costs[w, r].params, acc['top1'], acc['top5'], ms, ms_batch))
+      rows.append(Row(w, r, costs[w, r].macs, costs[w, r].params, acc['top1'], acc['top5'], ms, ms_batch, ms_tflite))
       logging.info('[%d/%d] %s', i, len(pairs), query.describe(rows[-1]))
       progress(i)
   return rows, {'configurations': len(pairs), 'calibrated': calibrated, 'reused': len(pairs) - calibrated,
@@ -156,19 +161,20 @@ def _merge_with_table(workdir: str, rows: list[Row], meta: dict[str, Any]) -> li
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
-              resolutions: Sequence[int] | None = None, *, latency_repeats: int = 10) -> dict[str, Any]:
+              resolutions: Sequence[int] | None = None, *, latency_repeats: int = 10,
+              tflite_latency: bool = False) -> dict[str, Any]:
   """Measures the selected configurations (default: the sweep grid), writes the query table (merged with an
   earlier one of the same checkpoint) and its plot; returns a summary, also written to `sweep_summary.json`."""
   start = time.perf_counter()
   pairs = selection(config, widths, resolutions)
   with _writer(workdir, 'sweep'):
-    return _sweep(config, workdir, pairs, latency_repeats, start)
+    return _sweep(config, workdir, pairs, latency_repeats, tflite_latency, start)
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]], latency_repeats: int,
-           start: float) -> dict[str, Any]:
+           tflite_latency: bool, start: float) -> dict[str, Any]:
   run = open_run(config, workdir)
-  rows, summary = _measure(run, pairs, latency_repeats)
+  rows, summary = _measure(run, pairs, latency_repeats, tflite_latency)
   summary.update(device=str(jax.local_devices()[0]), backend=jax.default_backend())
   meta = {'workdir': os.fspath(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest,
           'method': config.method, 'model': config.model.name, 'dataset': config.dataset,

@@ -1,4 +1,5 @@
 """The query table without JAX: budget queries (ties, empty results), Pareto frontier, table files, plots."""
+import json
 import subprocess
 import sys
 
@@ -126,3 +127,27 @@ def test_query_and_plots_import_neither_jax_nor_tensorflow():
           'print(sorted(m for m in ("jax", "tensorflow") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+def test_the_tflite_latency_column_is_optional_and_queryable(tmp_path):
+  timed = [query.Row(r.width, r.resolution, r.macs, r.params, r.top1, r.top5, r.latency_ms, r.latency_batch_ms,
+                     tflite_latency_ms=2 * r.latency_ms if r.width < 1.0 else None) for r in TABLE]
+  # Within 5.5 ms, JAX runs (0.75, 24) (5 ms, 85 %); TFLite takes 10 ms for it, so its best is (0.75, 16) (5 ms).
+  jax_best, tflite_best = query.query(timed, budget_ms=5.5), query.query(timed, budget_ms=5.5, latency='tflite')
+  assert (jax_best.width, jax_best.resolution) == (0.75, 24)
+  assert (tflite_best.width, tflite_best.resolution) == (0.75, 16)
+  assert all(r.tflite_latency_ms is not None for r in query.pareto_frontier(timed, 'tflite_latency_ms'))
+  with pytest.raises(UserError, match='sweep with --tflite_latency'):
+    query.query(TABLE, budget_ms=5.0, latency='tflite')
+  with pytest.raises(UserError, match='--latency must be one of'):
+    query.query(timed, budget_ms=5.0, latency='onnx')
+  query.write_table(timed, str(tmp_path), {})
+  assert query.read_table(str(tmp_path))[0] == timed and query.read_csv(str(tmp_path / 'query_table.csv')) == timed
+
+
+def test_a_table_written_before_the_tflite_column_still_reads(tmp_path):
+  old = {'meta': {}, 'rows': [{k: v for k, v in query.as_dict(r).items() if k != 'tflite_latency_ms'}
+                              for r in TABLE]}
+  (tmp_path / 'query_table.json').write_text(json.dumps(old))
+  rows, _ = query.read_table(str(tmp_path))
+  assert rows == TABLE and all(r.tflite_latency_ms is None for r in rows)

@@ -91,6 +91,16 @@ def test_partial_sweep_reuses_the_store_and_updates_only_its_row(swept):
 
 
 @pytest.mark.slow
+def test_sweep_times_the_tflite_interpreter_when_asked(swept):
+  config, workdir, _, rows = swept
+  sweep.run_sweep(config, workdir, widths=[0.25], resolutions=[8], latency_repeats=3, tflite_latency=True)
+  merged, _ = query.read_table(workdir)
+  timed = [r for r in merged if r.tflite_latency_ms is not None]
+  assert [(r.width, r.resolution) for r in timed] == [(0.25, 8)] and timed[0].tflite_latency_ms > 0
+  assert query.query(merged, budget_ms=1e3, latency='tflite') == timed[0]
+
+
+@pytest.mark.slow
 def test_export_of_the_run_matches_the_slimmable_model(swept, tmp_path):
   config, workdir, _, _ = swept
   path = commands.run('export', config, workdir, commands.Options(width=0.25, resolution=8,
