@@ -87,6 +87,8 @@ RULES: dict[str, tuple[Predicate, str, str]] = {
     'nesterov': (_BOOL, 'True or False', 'True'),
     'weight_decay': (_num(0), 'a weight decay >= 0', '1e-4'),
     'bn_sync': (_BOOL, 'True or False', 'False'),
+    'init_from': (_STR, 'a training workdir, an export or a .npz parameter file (or empty)', "''"),
+    'init_classifier': (_one_of('auto', 'fresh', 'load'), "'auto', 'fresh' or 'load'", 'auto'),
     'calibration_images': (_int(1), 'an integer >= 1', '2000'),
     'calibration_batch_size': (_int(1), 'an integer >= 1', '200'),
     'eval_batch_size': (_int(1), 'an integer >= 1', '500'),

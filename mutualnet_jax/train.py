@@ -26,8 +26,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from mutualnet_jax import (bn_calibration, checkpointing, compilation, evaluation, input_pipeline, losses, parallel,
-                           workdir as workdir_lib)
+from mutualnet_jax import (bn_calibration, checkpointing, compilation, evaluation, init_from, input_pipeline, losses,
+                           parallel, workdir as workdir_lib)
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
@@ -298,7 +298,7 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: str, trainer: Tra
   if restored is None:
     if jax.process_index() == 0:
       workdir_lib.save_config(config, workdir, **{workdir_lib.HISTORY_KEY: None, workdir_lib.DIVERGED_KEY: None})
-    return trainer.init_state(config.seed), 0, False
+    return init_from.initial_state(config, trainer.init_state(config.seed), trainer.tx, trainer.mesh), 0, False
   step, state, meta = restored
   after_divergence = _check_resume(config, workdir, step, accept_changes)
   if 'sampler' in meta:

@@ -110,7 +110,8 @@ def bookkeeping(workdir: str) -> dict[str, Any]:
 FREE_TO_CHANGE = frozenset({
     'data_dir', 'manual_dir', 'steps_per_run', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'eval_every_steps', 'eval_batch_size', 'eval_calibration_images', 'calibration_images', 'calibration_batch_size',
-    'compilation_cache_dir', 'precompile', 'profile_steps', 'sweep_width_step', 'eval_split', 'model.conv_impl'})
+    'compilation_cache_dir', 'precompile', 'profile_steps', 'sweep_width_step', 'eval_split', 'model.conv_impl',
+    'init_from', 'init_classifier'})  # a resumed run never reads init_from: its own checkpoint wins
 # Optimisation settings a run that diverged may change without --resume_with_changes (the fix for a divergence).
 OPTIMISER_FIELDS = frozenset({'learning_rate', 'warmup_epochs', 'momentum', 'nesterov', 'weight_decay',
                               'label_smoothing'})

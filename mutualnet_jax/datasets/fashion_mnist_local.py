@@ -3,7 +3,15 @@
 TFDS's stock `fashion_mnist` builder always downloads, so it cannot be prepared offline. This builder has the same
 features (28x28x1 uint8 `image`, 10-class `label`) and splits (`train`, `test`) and reads the files that the Debian
 package `dataset-fashion-mnist` installs, or the same four files anywhere else.
+
+Builder configs keep a subset of the classes, relabelled 0..k-1 in their original order, from the same raw files
+(the transfer experiment pre-trains on one half and fine-tunes on the other):
+  fashion_mnist_local                all 10 classes (= fashion_mnist_local/all; prepared where it was before configs)
+  fashion_mnist_local/classes_0_4    T-shirt/top, Trouser, Pullover, Dress, Coat        (30k train, 5k test)
+  fashion_mnist_local/classes_5_9    Sandal, Shirt, Sneaker, Bag, Ankle boot -> 0..4    (30k train, 5k test)
+Splits and slices (`train[:1000]`) work as for any TFDS dataset.
 """
+import dataclasses
 import gzip
 import os
 import struct
@@ -79,21 +87,47 @@ def _png(image: np.ndarray) -> bytes:
           + _png_chunk(b'IEND', b''))
 
 
+@dataclasses.dataclass(eq=False)
+class ClassSubset(tfds.core.BuilderConfig):
+  """The classes a config keeps (original labels, ascending); their new labels are their positions."""
+  classes: tuple[int, ...] = tuple(range(len(_CLASS_NAMES)))
+
+
+ALL = 'all'
+
+
+def _subset(first: int, last: int) -> ClassSubset:
+  classes = tuple(range(first, last + 1))
+  return ClassSubset(name=f'classes_{first}_{last}', classes=classes,
+                     description=f'Classes {first}-{last} ({", ".join(_CLASS_NAMES[c] for c in classes)}), '
+                                 f'relabelled 0-{len(classes) - 1}.')
+
+
 class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
-  """Fashion-MNIST prepared from local idx files."""
+  """Fashion-MNIST prepared from local idx files; configs select classes."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Same features and splits as TFDS `fashion_mnist` 3.0.1, read from local files.'}
+  BUILDER_CONFIGS = [ClassSubset(name=ALL, description='All 10 classes.'), _subset(0, 4), _subset(5, 9)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f'Install the Debian package `dataset-fashion-mnist` (files land in {DEFAULT_DIR}), or put the four '
       '*-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist in the manual dir.')
 
+  def _build_data_dir(self, given_data_dir: str | None) -> tuple[str, str]:
+    """The 'all' config (the plain name) lives where the builder put it before it had configs (NAME/VERSION, no
+    config folder), so data prepared then stays valid."""
+    root, dataset_dir = super()._build_data_dir(given_data_dir)
+    if self.builder_config_name == ALL:
+      dataset_dir = os.path.join(os.path.dirname(os.path.dirname(dataset_dir)), os.path.basename(dataset_dir))
+    return root, dataset_dir
+
   def _info(self) -> tfds.core.DatasetInfo:
+    names = [_CLASS_NAMES[c] for c in self.builder_config.classes]
     return self.dataset_info_from_configs(
         description='Fashion-MNIST: 28x28 grayscale images of Zalando articles in 10 classes, 60k train, 10k test.',
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(28, 28, 1)),
-            'label': tfds.features.ClassLabel(names=_CLASS_NAMES),
+            'label': tfds.features.ClassLabel(names=names),
         }),
         supervised_keys=('image', 'label'),
         homepage='https://github.com/zalandoresearch/fashion-mnist',
@@ -121,5 +155,7 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     if len(labels) and labels.max() >= len(_CLASS_NAMES):
       raise UserError(f'{directory / labels_file} has label {labels.max()}, outside 0-{len(_CLASS_NAMES) - 1}: '
                       f'{_FIX}.')
+    relabel = {c: i for i, c in enumerate(self.builder_config.classes)}
     for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, {'image': _png(image), 'label': int(label)}
+      if int(label) in relabel:
+        yield index, {'image': _png(image), 'label': relabel[int(label)]}

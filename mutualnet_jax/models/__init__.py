@@ -1,6 +1,7 @@
 """Model registry: config.model -> a slimmable Flax module, and parameter initialisation at full width."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -8,13 +9,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.models.base import SlimmableModel
+from mutualnet_jax.models.base import NON_ARCHITECTURE_FIELDS, SlimmableModel
 from mutualnet_jax.models.mobilenet_v1 import MobileNetV1
 from mutualnet_jax.models.mobilenet_v2 import MobileNetV2
+from mutualnet_jax.models.resnet import ResNet50
 from mutualnet_jax.models.tiny import TinyConvNet
+from mutualnet_jax.models.vgg import VGG16
 
+# The one list of backbones: training, sweeps, export, profiling and fine-tuning find them here.
 MODELS: dict[str, type[SlimmableModel]] = {'mobilenet_v1': MobileNetV1, 'mobilenet_v2': MobileNetV2,
-                                           'tiny_convnet': TinyConvNet}
+                                           'resnet50': ResNet50, 'vgg16': VGG16, 'tiny_convnet': TinyConvNet}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -29,7 +33,19 @@ def get_model(model_config: ml_collections.ConfigDict | Mapping[str, Any], *, bn
     raise UserError(f'unknown model dtype {dtype!r}: choose one of {sorted(DTYPES)} (config.model.dtype).')
   if fields.get('max_width', 1.0) <= 0:
     raise UserError(f"model.max_width must be > 0, got {fields['max_width']}.")
+  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(MODELS[name])})
+  if unknown:
+    raise UserError(f'{name} has no setting {", ".join(unknown)}: remove config.model.{unknown[0]}.')
   return MODELS[name](**fields, dtype=DTYPES[dtype], bn_groups=bn_groups)
+
+
+def architecture(model: SlimmableModel) -> str:
+  """What fixes a model's parameter tree, as one line ('resnet50 max_width=1.0'): the registry name and every
+  setting except those that only change the task or the run (classes, strides, kernels, dtype)."""
+  name = next((n for n, cls in MODELS.items() if type(model) is cls), type(model).__name__)
+  settings = [f'{f.name}={getattr(model, f.name)}' for f in dataclasses.fields(model)
+              if f.name not in NON_ARCHITECTURE_FIELDS]
+  return ' '.join([name, *settings])
 
 
 def init_params(model: SlimmableModel, rng: jax.Array, resolution: int, channels: int) -> Any:

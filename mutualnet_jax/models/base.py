@@ -1,4 +1,4 @@
-"""What every slimmable backbone shares: its settings, width/resolution checks and stride placement."""
+"""What every slimmable backbone shares: its settings, width/resolution checks, stride placement and feature taps."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -10,6 +10,14 @@ import numpy as np
 
 from mutualnet_jax import slim
 from mutualnet_jax.errors import UserError
+
+# Feature-map levels a backbone sows into the 'features' collection (mutualnet_jax.features), named by their output
+# stride in the ImageNet definition (num_downsample=5): the inputs of an FPN-style detection or segmentation head.
+FEATURE_LEVELS = (8, 16, 32)
+# Model settings that leave the backbone's parameters alone (the task, strides, kernels, precision, BN grouping): a
+# backbone trained under other values of them loads into this one (mutualnet_jax.init_from).
+NON_ARCHITECTURE_FIELDS = frozenset({'num_classes', 'num_downsample', 'conv_impl', 'bn_groups', 'dtype', 'parent',
+                                     'name'})
 
 
 class SlimmableModel(nn.Module):
@@ -31,6 +39,10 @@ class SlimmableModel(nn.Module):
   bn_groups: int = 1
   dtype: Any = jnp.float32
 
+  def layer_strides(self) -> list[int]:
+    """Stride of every spatial layer (conv, pooling, block) in call order, as in the ImageNet definition."""
+    raise NotImplementedError
+
   def stride_schedule(self, strides: Sequence[int]) -> list[int]:
     """Turns the first stride-2 layers into stride 1 until `num_downsample` remain."""
     total = sum(s == 2 for s in strides)
@@ -47,6 +59,33 @@ class SlimmableModel(nn.Module):
   @property
   def min_resolution(self) -> int:
     return 2 ** self.num_downsample
+
+  def feature_taps(self) -> dict[int, int]:
+    """{layer index: level}: the last layer of `layer_strides` at each FEATURE_LEVELS output stride (the ImageNet
+    definition's, so the same layers are tapped whatever num_downsample is); levels the backbone never reaches are
+    absent."""
+    last, total = {}, 1
+    for i, s in enumerate(self.layer_strides()):
+      total *= s
+      if total in FEATURE_LEVELS:
+        last[total] = i
+    return {i: level for level, i in last.items()}
+
+  def feature_strides(self) -> dict[int, int]:
+    """{level: the tapped map's real output stride} under this num_downsample (the level itself at 5)."""
+    strides, total, out = self.stride_schedule(self.layer_strides()), 1, {}
+    taps = self.feature_taps()
+    for i, s in enumerate(strides):
+      total *= s
+      if i in taps:
+        out[taps[i]] = total
+    return out
+
+  def tap(self, taps: dict[int, int], index: int, x: jax.Array) -> jax.Array:
+    """Sows layer `index`'s output as its feature level (when it is one); a no-op unless 'features' is mutable."""
+    if index in taps:
+      self.sow('features', f'stride{taps[index]}', x, reduce_fn=lambda _, v: v, init_fn=lambda: None)
+    return x
 
   def prepare(self, x: jax.Array, width: float | None,
               active: jax.Array | None = None) -> tuple[jax.Array, float, str]:
@@ -92,11 +131,18 @@ class SlimmableModel(nn.Module):
   def conv_bn(self, base: int, base_in: int | None, impl: str, **kwargs: Any) -> slim.ConvBN:
     """A ConvBN holding `base_in` -> `base` channels (1.0x counts) at max width; base_in=None: not slimmed."""
     in_features = None if base_in is None else self.max_channels(base_in)
-    return slim.ConvBN(self.max_channels(base), in_features, conv_impl=impl, bn_groups=self.bn_groups,
-                       dtype=self.dtype, **kwargs)
+    return self.unit(self.max_channels(base), in_features, impl, **kwargs)
+
+  def unit(self, features: int, in_features: int | None, impl: str, **kwargs: Any) -> slim.ConvBN:
+    """A ConvBN holding `in_features` -> `features` channels (counts at max width, for layers whose size is not
+    make_divisible of a base, e.g. ResNet's bottleneck quarter)."""
+    return slim.ConvBN(features, in_features, conv_impl=impl, bn_groups=self.bn_groups, dtype=self.dtype, **kwargs)
 
   def classify(self, x: jax.Array, in_features: int) -> jax.Array:
     """Global average pooling + the class outputs (never slimmed), in at least float32 for the losses."""
-    x = slim.GlobalAvgPool(name='pool')(x)
+    return self.logits(slim.GlobalAvgPool(name='pool')(x), in_features)
+
+  def logits(self, x: jax.Array, in_features: int) -> jax.Array:
+    """The class outputs of pooled features (the 'classifier' layer fine-tuning replaces), in at least float32."""
     logits = slim.SlimDense(self.num_classes, in_features, self.dtype, name='classifier')(x)
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -26,11 +26,15 @@ class MobileNetV1(SlimmableModel):
   def channel_bases(self) -> tuple[int, ...]:
     return tuple(sorted({self.stem, *(c for c, _ in self.blocks)}))
 
+  def layer_strides(self) -> list[int]:
+    return [2] + [s for _, s in self.blocks]  # the stem, then each block (its depthwise conv holds the stride)
+
   @nn.compact
   def __call__(self, x: jax.Array, width: float | None = None, train: bool = False,
                active: jax.Array | None = None) -> jax.Array:
     x, width, impl = self.prepare(x, width, active)
-    stem_stride, *strides = self.stride_schedule([2] + [s for _, s in self.blocks])
+    stem_stride, *strides = self.stride_schedule(self.layer_strides())
+    taps = self.feature_taps()
     used = self.active(self.stem, active)
     x = self.conv_bn(self.stem, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
         x, self.channels(self.stem, width), train, used)
@@ -40,5 +44,6 @@ class MobileNetV1(SlimmableModel):
           x, None, train, used)
       used = self.active(c, active)
       x = self.conv_bn(c, cin, impl, name=f'block{i}_pw')(x, self.channels(c, width), train, used)
+      x = self.tap(taps, i + 1, x)
       cin = c
     return self.classify(x, self.max_channels(cin))

@@ -19,17 +19,26 @@ STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3,
           (6, 320, 1, 1))
 
 
+def _blocks() -> list[tuple[int, int, int]]:
+  """(expansion, output channels, stride) of every inverted-residual block."""
+  return [(t, c, s if r == 0 else 1) for t, c, n, s in STAGES for r in range(n)]
+
+
 class MobileNetV2(SlimmableModel):
 
   def channel_bases(self) -> tuple[int, ...]:
     return tuple(sorted({STEM, *(c for _, c, _, _ in STAGES)}))
 
+  def layer_strides(self) -> list[int]:
+    return [2] + [s for _, _, s in _blocks()]  # the stem, then each inverted-residual block
+
   @nn.compact
   def __call__(self, x: jax.Array, width: float | None = None, train: bool = False,
                active: jax.Array | None = None) -> jax.Array:
     x, width, impl = self.prepare(x, width, active)
-    blocks = [(t, c, s if r == 0 else 1) for t, c, n, s in STAGES for r in range(n)]
-    stem_stride, *strides = self.stride_schedule([2] + [s for _, _, s in blocks])
+    blocks = _blocks()
+    stem_stride, *strides = self.stride_schedule(self.layer_strides())
+    taps = self.feature_taps()  # the stride-32 level is the last block (320 channels, slimmed), not the 1280 conv
     used = self.active(STEM, active)
     x = self.conv_bn(STEM, None, impl, kernel_size=3, strides=stem_stride, name='stem')(
         x, self.channels(STEM, width), train, used)
@@ -45,6 +54,7 @@ class MobileNetV2(SlimmableModel):
           x, self.channels(c, width), train, used)
       if s == 1 and cin == c:
         x = x + shortcut
+      x = self.tap(taps, i + 1, x)
       cin = c
     last = slim.make_divisible(LAST * self.max_width) if self.max_width > 1.0 else LAST
     x = slim.ConvBN(last, self.max_channels(cin), conv_impl=impl, bn_groups=self.bn_groups, dtype=self.dtype,

@@ -1,0 +1,82 @@
+"""The transfer experiment's runs, as data: pre-training on Fashion-MNIST classes 0-4, fine-tuning on classes 5-9.
+
+Pre-training (configs/default.py, the quickstart model, with the 5-class dataset): one MutualNet, one US-Net and one
+independently trained network (1.0x at 28 px) per seed. Fine-tuning (configs/fashion_mnist_transfer.py: 1,000
+labelled images, 15 epochs): every source fine-tuned the same way (`FINETUNE_METHOD`), plus the same recipe from
+scratch, so the initialisation is the only difference between the compared series. Seed s of a fine-tuning starts
+from seed s of its source. Each fine-tuned run is swept over the width x resolution grid.
+
+A run offers what benchmarks/reproduce/run.py's train/sweep functions use (name, config_arg, overrides, sweep_args,
+sweep_configs), so the reproduction's resumable runner does the work.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+PRETRAIN_CONFIG = 'configs/default.py'
+FINETUNE_CONFIG = 'configs/fashion_mnist_transfer.py'
+PRETRAIN_DATASET = 'fashion_mnist_local/classes_0_4'
+FINETUNE_METHOD = 'mutualnet'  # how every source is fine-tuned (its sweep needs a slimmable run)
+PRETRAIN_EPOCHS = 1            # of the 30k images of classes 0-4: 234 steps of 128
+SEEDS = (0, 1)
+INDEPENDENT = (1.0, 28)        # the independently pre-trained network's (width, resolution)
+SWEEP_WIDTHS = (1.0, 0.75, 0.5, 0.25)
+SWEEP_RESOLUTIONS = (28, 24, 20, 16)
+# Series of the report: label -> the pre-training method ('' = from scratch).
+SOURCES = {'MutualNet-pre-trained': 'mutualnet', 'US-Net-pre-trained': 'usnet',
+           'Independent-pre-trained': 'independent', 'Scratch': ''}
+COMMON = {'eval_every_steps': 0, 'log_every_steps': 25, 'checkpoint_every_steps': 100}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str                      # workdir, relative to the runner's --out
+  phase: str                     # 'pretrain' | 'finetune'
+  method: str                    # the training method of this run
+  seed: int
+  series: str = ''               # fine-tuning: the report's label
+  source: str | None = None      # fine-tuning: the name of the pre-training run it starts from
+  settings: tuple[tuple[str, Any], ...] = ()
+  out: str = ''                  # the runner's --out (absolute): where the source's workdir is
+  steps: int | None = None       # overrides the epochs (the runner's --steps, for a smoke test)
+
+  def config_arg(self) -> str:
+    return f'--config={PRETRAIN_CONFIG if self.phase == "pretrain" else FINETUNE_CONFIG}:{self.method}'
+
+  def overrides(self) -> list[str]:
+    settings = {**COMMON, **dict(self.settings), 'seed': self.seed}
+    if self.source is not None:
+      settings['init_from'] = f'{self.out}/{self.source}'
+    if self.steps is not None:
+      settings['num_train_steps'] = self.steps
+    return [f'--config.{k}={v}' for k, v in settings.items()]
+
+  def sweep_args(self) -> list[str]:
+    return [f'--widths={",".join(f"{w:g}" for w in SWEEP_WIDTHS)}',
+            f'--resolutions={",".join(str(r) for r in SWEEP_RESOLUTIONS)}']
+
+  def sweep_configs(self) -> set[tuple[float, int]]:
+    return {(float(w), int(r)) for w in SWEEP_WIDTHS for r in SWEEP_RESOLUTIONS}
+
+
+def pretrain_run(method: str, seed: int) -> Run:
+  settings = {'dataset': PRETRAIN_DATASET, 'model.num_classes': 5, 'num_epochs': PRETRAIN_EPOCHS}
+  if method == 'independent':
+    settings.update(independent_width=INDEPENDENT[0], independent_resolution=INDEPENDENT[1])
+  return Run(f'pretrain_{PRETRAIN_EPOCHS:g}ep/{method}_s{seed}', 'pretrain', method, seed,
+             settings=tuple(settings.items()))
+
+
+def finetune_run(series: str, seed: int) -> Run:
+  method = SOURCES[series]
+  source = pretrain_run(method, seed).name if method else None
+  stem = f'from_{method}' if method else 'scratch'
+  return Run(f'finetune_{PRETRAIN_EPOCHS:g}ep/{stem}_s{seed}', 'finetune', FINETUNE_METHOD, seed, series, source)
+
+
+def runs(out: str = '', steps: int | None = None) -> list[Run]:
+  """Every run in the order the runner works through them: all pre-training (seed-major), then all fine-tuning."""
+  pre = [pretrain_run(m, s) for s in SEEDS for m in SOURCES.values() if m]
+  fine = [finetune_run(series, s) for s in SEEDS for series in SOURCES]
+  return [dataclasses.replace(r, out=out, steps=steps) for r in pre + fine]

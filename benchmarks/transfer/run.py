@@ -1,0 +1,124 @@
+"""The transfer experiment at CPU scale (docs/TRANSFER.md): pre-train, fine-tune, sweep, then write the report.
+
+  python benchmarks/transfer/run.py --list                              # the runs, in order, with their commands
+  nohup python benchmarks/transfer/run.py > transfer.log 2>&1 &         # the whole experiment (resumable)
+  python benchmarks/transfer/run.py --report_only                       # docs/TRANSFER.md from what exists
+  python benchmarks/transfer/run.py --out=/tmp/smoke --docs=/tmp/smoke/docs --steps=3   # a smoke test
+
+The runs are data (experiment.py), the report is transfer_report.py. Training, sweeping, skipping what is done,
+per-attempt timings and the facts the report quotes are the reproduction's (benchmarks/reproduce/run.py): a finished
+run is skipped, an interrupted one resumes from its checkpoint, a sweep is skipped when its table belongs to the
+latest checkpoint. A fine-tuning run starts once its source is trained; its log must show that init_from loaded the
+source (otherwise it is not swept, so a run that silently trained from scratch never enters the report).
+Logs: OUT/logs/<run>.{train,sweep}.log.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+
+def _load_reproduce_runner():
+  """benchmarks/reproduce/run.py under its own module name (this file is run.py too)."""
+  spec = importlib.util.spec_from_file_location('reproduce_run', HERE.parent / 'reproduce' / 'run.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+runner = _load_reproduce_runner()
+import experiment  # noqa: E402  pylint: disable=g-import-not-at-top
+
+LOADED = re.compile(r'init_from .+: (\d+) arrays loaded')
+
+
+def init_from_applied(out: Path, run: experiment.Run) -> bool:
+  """Whether the fine-tuning log shows init_from loading the source (train.py must call init_from.initial_state)."""
+  log = runner.log_path(out, run, 'train')
+  return bool(LOADED.search(log.read_text())) if log.exists() else False
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out', default='benchmarks/results/transfer', help='Where the run workdirs go.')
+  parser.add_argument('--docs', default=str(REPO / 'docs'), help='Where TRANSFER.md and transfer/ go.')
+  parser.add_argument('--report_only', action='store_true', help='Only regenerate the report (no training).')
+  parser.add_argument('--list', action='store_true', help='Print the runs in order and exit.')
+  parser.add_argument('--steps', type=int, default=None,
+                      help='Train every run this many steps, not its epochs (a smoke test; give it its own --out).')
+  parser.add_argument('--stop_after', default='', help='HH:MM (UTC): start nothing new after it; still write the '
+                      'report.')
+  args = parser.parse_args()
+
+  out = (REPO / args.out).resolve() if not os.path.isabs(args.out) else Path(args.out)
+  runs = experiment.runs(str(out), args.steps)
+  if args.list:
+    for run in runs:
+      print(f'{run.phase:<8} {run.name}: python main.py {run.config_arg()} --workdir={out / run.name} '
+            f'{" ".join(run.overrides())}')
+    print(f'{len(runs)} runs; fine-tuning runs are then swept: python main.py --mode=sweep ... '
+          f'{" ".join(runs[-1].sweep_args())}')
+    return 0
+
+  out.mkdir(parents=True, exist_ok=True)
+  timings = runner.Timings(out / 'timings.json')
+  env = dict(os.environ)
+  if 'MUTUALNET_FASHION_MNIST_DIR' not in env and os.path.isdir(runner.DEFAULT_DATA_DIR):
+    env['MUTUALNET_FASHION_MNIST_DIR'] = runner.DEFAULT_DATA_DIR
+  split_sizes = runner.SplitSizes(env)
+  deadline = runner.next_time(args.stop_after) if args.stop_after else None
+
+  def too_late() -> bool:
+    return deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline
+
+  if not args.report_only:
+    commit = runner.git('rev-parse', 'HEAD')
+    invocation = {'start': runner.now(), 'commit': commit, 'argv': sys.argv,
+                  'dirty_library_files': [line for line in runner.git('status', '--porcelain').splitlines()
+                                          if any(p in line for p in ('mutualnet_jax/', 'main.py', 'configs/'))]}
+    timings.data['invocations'].append(invocation)
+    timings.save()
+    wall = time.perf_counter()
+    by_name = {r.name: r for r in runs}
+    for run in runs:
+      if too_late():
+        print(f'[{runner.now()}] past --stop_after={args.stop_after}: not starting {run.name}', flush=True)
+        continue
+      if run.source is not None and not runner.is_trained(by_name[run.source], out):
+        print(f'[{runner.now()}] {run.name}: its source {run.source} is not trained, skipping', flush=True)
+        continue
+      trained = runner.train(run, out, timings, env, commit)
+      if trained and run.phase == 'finetune':
+        applied = run.source is None or init_from_applied(out, run)
+        timings.run(run.name)['init_from_applied'] = applied if run.source is not None else None
+        timings.save()
+        if not applied:
+          print(f'[{runner.now()}] {run.name}: its log shows no init_from load (is init_from.initial_state wired '
+                'into train.py?): not swept', flush=True)
+        elif not too_late():
+          runner.sweep(run, out, timings, env, commit)
+      runner.refresh_facts(run, out, timings, split_sizes)
+    invocation['end'] = runner.now()
+    invocation['seconds'] = round(time.perf_counter() - wall, 1)
+    timings.save()
+
+  for run in runs:
+    runner.refresh_facts(run, out, timings, split_sizes)
+  import transfer_report  # noqa: PLC0415  matplotlib: only when the report is written
+  written = transfer_report.write_report(out, Path(args.docs), timings.data, runs)
+  print(f'[{runner.now()}] report: {", ".join(str(p) for p in written)}', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
