@@ -1,11 +1,34 @@
-"""mutualnet_jax: MutualNet (width x resolution mutual learning) in JAX/Flax."""
-from setuptools import find_packages, setup
+"""mutualnet_jax: MutualNet (width x resolution mutual learning) in JAX/Flax.
+
+The native XLA:CPU kernels (mutualnet_jax/csrc, registered through jax.ffi by mutualnet_jax/native.py) are built for
+the installing machine (-march=native) against the XLA FFI headers that jaxlib ships; the build is optional: without a
+C++ compiler the package installs and runs on its pure-JAX kernels.
+"""
+import os
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildNative(build_ext):
+  """Adds jaxlib's XLA FFI headers (known only once the build environment exists) and host-tuned flags."""
+
+  def build_extensions(self):
+    import jaxlib  # noqa: PLC0415  a build requirement (pyproject.toml), not importable when setup.py is parsed
+    include = os.path.join(os.path.dirname(jaxlib.__file__), 'include')
+    for ext in self.extensions:
+      ext.include_dirs.append(include)
+      ext.extra_compile_args += ['-std=c++17', '-O3', '-march=native', '-fopenmp-simd']
+    super().build_extensions()
 
 setup(
     name="mutualnet_jax",
     version="0.1.0",
     description="One slimmable ConvNet trained at every width and resolution (MutualNet / US-Net) in JAX/Flax.",
     packages=find_packages(include=["mutualnet_jax", "mutualnet_jax.*"]),
+    ext_modules=[Extension("mutualnet_jax._native", ["mutualnet_jax/csrc/depthwise.cc"], language="c++",
+                           optional=True)],
+    cmdclass={"build_ext": BuildNative},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -1,18 +1,20 @@
-"""Speed of a full MutualNet training step (4 sub-networks, summed gradients, one optax update), through `Trainer`.
+"""Speed and memory of a full MutualNet training step, side by side with the PyTorch peer, in one run.
 
-  python benchmarks/train_step.py                      # paper + small settings, glibc and tcmalloc, cold/warm cache
-  python benchmarks/train_step.py --settings=small --allocators=glibc --quick
+  python benchmarks/train_step.py                                # both settings: this project (tcmalloc) vs PyTorch
+  python benchmarks/train_step.py --variants=tcmalloc,glibc,pure_jax --settings=small
+  python benchmarks/train_step.py --quick                        # small setting, 2 timed steps: a smoke run
 
-Settings (fixed buckets, so every run times the same work):
+Settings (fixed buckets, so every run times the same work; presets of ../shared/peers/torch_mutualnet_step.py):
   paper: MobileNet v1, ImageNet shape, batch 32, buckets (1.0,224) (0.25,128) (0.5,160) (0.75,192)
-  small: MobileNet v1 small-input variant (Fashion-MNIST config), batch 128, buckets (1.0,28) (0.25,16) (0.5,20)
-         (0.75,24)
-Reports img/s, compile seconds per bucket and in total with a cold and a warm persistent compilation cache, peak RSS,
-and achieved GFLOP/s (training FLOPs = 3 x forward = 6 x MACs per image) as a fraction of a matmul ceiling measured in
-the same process. To say what bounds the step it also reports XLA's count of bytes each bucket's executable accesses
-(HLO cost analysis; an upper bound on memory traffic), the GB/s that implies and a streaming-bandwidth ceiling
-measured in the same process. Each
-(setting, allocator) runs in its own subprocess so peak memory and the allocator are its own.
+  small: the Fashion-MNIST quickstart model, batch 128, buckets (1.0,28) (0.25,16) (0.5,20) (0.75,24)
+Variants of this project: tcmalloc (what main.py runs under), glibc (the system allocator), thp (glibc on transparent
+huge pages), pure_jax (tcmalloc without the native depthwise kernels: MUTUALNET_NATIVE=0). Each (setting, variant)
+and the peer run in their own subprocess, one after the other, so peak memory is each one's own.
+
+Reported per row: img/s (median step), the ratio to the peer's img/s measured in the same run, achieved GFLOP/s
+(training = 6 x MACs per image) as a fraction of a matmul ceiling measured in the same process, compile seconds of
+every bucket with a cold and a warm persistent cache, peak RSS over the process (compilation included) and the
+resident memory while stepping.
 """
 from __future__ import annotations
 
@@ -32,51 +34,67 @@ from benchmarks import common  # noqa: E402
 from mutualnet_jax import allocator as malloc  # noqa: E402
 from mutualnet_jax.cli import run_cli  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
     'paper': dict(model=dict(name='mobilenet_v1', num_classes=1000, num_downsample=5), channels=3, batch=32,
-                  buckets=((1.0, 224), (0.25, 128), (0.5, 160), (0.75, 192))),
+                  buckets=((1.0, 224), (0.25, 128), (0.5, 160), (0.75, 192)), peer='imagenet'),
     'small': dict(model=dict(name='mobilenet_v1', num_classes=10, num_downsample=4), channels=1, batch=128,
-                  buckets=((1.0, 28), (0.25, 16), (0.5, 20), (0.75, 24))),
+                  buckets=((1.0, 28), (0.25, 16), (0.5, 20), (0.75, 24)), peer='fmnist'),
+}
+VARIANTS = {  # name: (MUTUALNET_MALLOC, extra environment)
+    'tcmalloc': ('tcmalloc', {}),
+    'glibc': ('system', {}),
+    'thp': ('hugepages', {}),
+    'pure_jax': ('tcmalloc', {'MUTUALNET_NATIVE': '0'}),
 }
 
 flags.DEFINE_list('settings', ['paper', 'small'], f'Which of {sorted(SETTINGS)}.')
-flags.DEFINE_list('allocators', ['glibc', 'tcmalloc'], 'glibc and/or tcmalloc (LD_PRELOAD of Debian libtcmalloc).')
-flags.DEFINE_integer('steps', 5, 'Timed steps (median) after one warm-up step.')
-flags.DEFINE_bool('quick', False, 'Small setting only, glibc only, 2 timed steps: a smoke run.')
+flags.DEFINE_list('variants', ['tcmalloc'], f'Which of {sorted(VARIANTS)}.')
+flags.DEFINE_integer('steps', 8, 'Timed steps (median) after one warm-up step.')
+flags.DEFINE_string('peer', os.path.join(os.path.dirname(REPO), 'shared', 'peers', 'torch_mutualnet_step.py'),
+                    'The PyTorch peer script; skipped with a message when it or torch is missing.')
+flags.DEFINE_string('peer_python', sys.executable, 'Python interpreter with torch for the peer.')
+flags.DEFINE_float('peer_min_time', 20.0, 'Seconds the peer times its step for.')
+flags.DEFINE_bool('quick', False, 'Small setting, tcmalloc, 2 timed steps, no peer: a smoke run.')
 flags.DEFINE_string('worker', '', 'Internal: run one setting in this process and print JSON.')
 common.define_common_flags()
 FLAGS = flags.FLAGS
 
 
+def _resident_gib() -> float:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+
+
 def run_one(setting: str) -> dict:
   """Builds the Trainer for `setting`, compiles every bucket (cold cache, then warm) and times the step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax import compilation, parallel, profile, train  # pylint: disable=g-import-not-at-top
-  from mutualnet_jax.sampling import StepPlan, Subnet  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  the worker process only: the parent must not initialise JAX or pick an allocator
+  import numpy as np  # noqa: PLC0415
+  from configs import default  # noqa: PLC0415
+  from mutualnet_jax import compilation, native, parallel, profile, train  # noqa: PLC0415
+  from mutualnet_jax.sampling import StepPlan, Subnet  # noqa: PLC0415
 
   spec = SETTINGS[setting]
   config = default.get_config()
   config.model.update(spec['model'])
   config.batch_size = spec['batch']
   config.resolutions = tuple(sorted({r for _, r in spec['buckets']}, reverse=True))
+  config.capacities, config.width_sampling = (), 'grid'  # the fixed buckets run exact, like the peer
   subnets = [Subnet(f'sub{i}', w, r, 'ce' if i == 0 else 'kd') for i, (w, r) in enumerate(spec['buckets'])]
   plan = StepPlan(subnets[0], tuple(subnets[1:]))
   size = subnets[0].resolution
   mesh = parallel.make_mesh()
   ceiling = common.ceiling_from_flags()
 
-  cache_dir = tempfile.mkdtemp(prefix='xla_cache_')
-  compilation.enable_cache(cache_dir)
+  compilation.enable_cache(tempfile.mkdtemp(prefix='xla_cache_'))
   compile_s, hlo = {}, {}
   for label in ('cold', 'warm'):  # a fresh Trainer each time: the second compile can only hit the disk cache
     trainer = train.Trainer(config, mesh, channels=spec['channels'], image_size=size, total_steps=1000,
                             steps_per_epoch=1000)
     per_bucket = {}
-    for s in subnets:
+    for i, s in enumerate(subnets):
       t0 = time.perf_counter()
-      hlo[f'{s.width}@{s.resolution}'] = common.cost(trainer.steps.compile(s.bucket))
+      hlo[f'{s.width}@{s.resolution}'] = common.cost(trainer.steps.compile(trainer.sampler.bucket(s), i == 0))
       per_bucket[f'{s.width}@{s.resolution}'] = time.perf_counter() - t0
     compile_s[label] = {'per_bucket': per_bucket, 'total': sum(per_bucket.values())}
   bandwidth = common.memory_bandwidth()
@@ -85,29 +103,50 @@ def run_one(setting: str) -> dict:
   batch = parallel.global_batch({
       'image': rng.standard_normal((spec['batch'], size, size, spec['channels']), np.float32),
       'label': rng.integers(0, spec['model']['num_classes'], spec['batch']).astype(np.int32)}, mesh)
-  state = trainer.init_state(0)
-  holder = {'state': state}
+  holder, resident = {'state': trainer.init_state(0)}, []
 
   def step():
     holder['state'], metrics = trainer.step(holder['state'], batch, plan)
     return holder['state'].params, metrics
 
-  timing = common.time_call(step, repeats=FLAGS.steps, warmup=1)
+  common.block(step())
+  timing = common.time_call(lambda: (step(), resident.append(_resident_gib()))[0], repeats=FLAGS.steps, warmup=1)
   macs = sum(profile.count(trainer.model, s.width, s.resolution, spec['channels'])[0] for s in subnets)
   img_s = spec['batch'] / timing['median']
   gflops = 6 * macs * img_s / 1e9
   # XLA's per-op operand+result bytes: an upper bound on memory traffic (fusions that stay in cache count too).
   step_bytes = sum(c['bytes'] for c in hlo.values())
   return {'setting': setting, 'batch': spec['batch'], 'buckets': [f'{s.width}@{s.resolution}' for s in subnets],
+          'native_depthwise': native.depthwise_available(jax.numpy.zeros((1,), np.float32)),
           'step_s': timing['median'], 'img_per_s': img_s, 'macs_per_image_all_subnets': macs, 'gflops': gflops,
           'ceiling_gflops': ceiling['gflops'], 'ceiling_frac': gflops / ceiling['gflops'],
           'bandwidth_gbs': bandwidth, 'hlo_cost_per_bucket': hlo, 'step_gbytes': step_bytes / 1e9,
-          'achieved_gbs': step_bytes / timing['median'] / 1e9, 'hlo_flops_per_byte': sum(
-              c['flops'] for c in hlo.values()) / step_bytes,
           'compile_cold_s': compile_s['cold']['total'], 'compile_warm_s': compile_s['warm']['total'],
           'compile_per_bucket_cold_s': compile_s['cold']['per_bucket'],
           'compile_per_bucket_warm_s': compile_s['warm']['per_bucket'],
-          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+          'stepping_rss_gib': max(resident)}
+
+
+def run_peer(setting: str) -> dict | None:
+  """The PyTorch peer at the same setting (channels_last, 2 threads), or None with a message when unavailable."""
+  if not os.path.exists(FLAGS.peer):
+    print(f'skipping the PyTorch peer: {FLAGS.peer} not found (pass --peer)')
+    return None
+  probe = subprocess.run([FLAGS.peer_python, '-c', 'import torch'], capture_output=True, text=True, check=False)
+  if probe.returncode:
+    print(f'skipping the PyTorch peer: torch is not importable by {FLAGS.peer_python} (pass --peer_python)')
+    return None
+  spec = SETTINGS[setting]
+  out = subprocess.run([FLAGS.peer_python, FLAGS.peer, '--preset', spec['peer'], '--batch', str(spec['batch']),
+                        '--cl', '--min-time', str(FLAGS.peer_min_time), '--threads', str(os.cpu_count() or 2)],
+                       capture_output=True, text=True, check=False)
+  lines = [line for line in out.stdout.splitlines() if line.startswith('{')]
+  if out.returncode or not lines:
+    raise RuntimeError(f'peer {setting} failed:\n{out.stderr[-3000:]}')
+  peer = json.loads(lines[-1])
+  return {'setting': setting, 'variant': f"pytorch {peer['torch']} channels_last", 'img_per_s': peer['img_s'],
+          'peak_rss_gib': peer['peak_rss_mib'] / 1024, 'step_s': peer['step_ms'] / 1e3}
 
 
 def main(argv):
@@ -115,36 +154,42 @@ def main(argv):
   if FLAGS.worker:
     print('RESULT ' + json.dumps(run_one(FLAGS.worker)))
     return
-  settings, allocators, steps = FLAGS.settings, FLAGS.allocators, FLAGS.steps
+  settings, variants, steps, with_peer = FLAGS.settings, FLAGS.variants, FLAGS.steps, True
   if FLAGS.quick:
-    settings, allocators, steps = ['small'], ['glibc'], 2
+    settings, variants, steps, with_peer = ['small'], ['tcmalloc'], 2, False
   rows, lib = [], malloc.find_tcmalloc()
   for setting in settings:
-    for allocator in allocators:
-      if allocator == 'tcmalloc' and lib is None:
-        print('skipping tcmalloc: not installed (apt-get install libgoogle-perftools4)')
+    peer = run_peer(setting) if with_peer else None
+    for variant in variants:
+      choice, extra = VARIANTS[variant]
+      if choice == 'tcmalloc' and lib is None:
+        print(f'skipping {variant}: tcmalloc is not installed (apt-get install libgoogle-perftools4)')
         continue
-      choice = 'tcmalloc' if allocator == 'tcmalloc' else 'system'
-      env = malloc.environment(choice, os.environ, lib) or dict(os.environ)
+      env = {**(malloc.environment(choice, os.environ, lib) or dict(os.environ)), **extra}
       cmd = [sys.executable, os.path.abspath(__file__), f'--worker={setting}', f'--steps={steps}',
              f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
       out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-      lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+      lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
       if out.returncode or not lines:
-        raise RuntimeError(f'{setting}/{allocator} failed:\n{out.stderr[-3000:]}')
-      rows.append({**json.loads(lines[-1][len('RESULT '):]), 'allocator': allocator})
+        raise RuntimeError(f'{setting}/{variant} failed:\n{out.stderr[-3000:]}')
+      row = {**json.loads(lines[-1][len('RESULT '):]), 'variant': variant}
+      if peer:
+        row['vs_peer'] = row['img_per_s'] / peer['img_per_s']
+        row['rss_vs_peer'] = row['peak_rss_gib'] / peer['peak_rss_gib']
+      rows.append(row)
+    if peer:
+      rows.append(peer)
   print(common.format_table(rows, [
-      ('setting', 'setting', 's'), ('allocator', 'alloc', 's'), ('img_per_s', 'img/s', '.1f'),
-      ('gflops', 'GFLOP/s', '.1f'), ('ceiling_frac', 'of ceiling', '.0%'), ('step_gbytes', 'GB/step', '.1f'),
-      ('achieved_gbs', 'GB/s', '.1f'), ('bandwidth_gbs', 'bw ceiling', '.1f'), ('compile_cold_s', 'compile cold s', '.1f'),
-      ('compile_warm_s', 'compile warm s', '.1f'), ('peak_rss_gib', 'peak RSS GiB', '.2f')]))
-  print('matmul ceiling GFLOP/s:', ', '.join(f"{r['setting']}/{r['allocator']}: {r['ceiling_gflops']:.0f}"
-                                            for r in rows))
+      ('setting', 'setting', 's'), ('variant', 'variant', 's'), ('img_per_s', 'img/s', '.1f'),
+      ('vs_peer', 'x peer', '.2f'), ('ceiling_frac', 'of ceiling', '.0%'), ('compile_cold_s', 'compile cold s', '.1f'),
+      ('compile_warm_s', 'compile warm s', '.1f'), ('peak_rss_gib', 'peak RSS GiB', '.2f'),
+      ('stepping_rss_gib', 'RSS stepping', '.2f'), ('rss_vs_peer', 'peak x peer', '.2f')]))
+  ceilings = ', '.join(f"{r['setting']}/{r['variant']}: {r['ceiling_gflops']:.0f}" for r in rows if 'ceiling_gflops' in r)
+  print('matmul ceiling GFLOP/s:', ceilings)
   for r in rows:
-    per_bucket = ', '.join(f'{b} {c:.1f}/{r["compile_per_bucket_warm_s"][b]:.1f}'
-                           for b, c in r['compile_per_bucket_cold_s'].items())
-    print(f"{r['setting']}/{r['allocator']}: compile s per bucket cold/warm: {per_bucket}; target >= 40 % of the "
-          f"ceiling: {r['ceiling_frac']:.0%} ({'met' if r['ceiling_frac'] >= 0.4 else 'NOT met'})")
+    if 'vs_peer' in r:
+      print(f"{r['setting']}/{r['variant']}: {r['vs_peer']:.2f}x the peer's img/s (floor 1.0x, goal 1.5x), peak "
+            f"memory {r['rss_vs_peer']:.2f}x the peer's (target <= 1.5x)")
   print('wrote', common.write_result('train_step', {'rows': rows}, FLAGS.out))
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mutualnet_jax import native
 from mutualnet_jax.errors import UserError
 
 CONV_IMPLS = ('xla', 'cpu_fast', 'auto')
@@ -202,17 +203,39 @@ def _depthwise_shift_add_bwd(stride: int, res: Any, g: jax.Array) -> tuple[jax.A
 _depthwise_shift_add.defvjp(_depthwise_shift_add_fwd, _depthwise_shift_add_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  _, ho, wo = _depthwise_geometry(x.shape, kernel.shape[0], stride)
+  return native.depthwise_forward(x, kernel, stride, (ho, wo))
+
+
+def _depthwise_native_fwd(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[jax.Array, Any]:
+  return _depthwise_native(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_native_bwd(stride: int, res: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x, kernel = res
+  return (native.depthwise_backward_input(g, kernel, stride, x.shape),
+          native.depthwise_backward_kernel(x, g, stride, kernel.shape))
+
+
+_depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
+
+
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
   """Depthwise KxK convolution; `kernel` is (K, K, C).
 
-  'cpu_fast' is a shift-add with a hand-written gradient (a `jax.custom_vjp`: reverse mode only, like any custom_vjp;
-  forward-mode `jax.jvp` through it is not supported).
+  'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass per operand, 2-10x the
+  fused shift-add) when the install built them and the array is float32 on one CPU device, else the shift-add with
+  a hand-written gradient. Both are `jax.custom_vjp`s: reverse mode only; forward-mode `jax.jvp` is not supported.
   """
   k, _, c = kernel.shape
   if impl == 'xla':
     pad = (k - 1) // 2
     return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+  if native.depthwise_available(x) and kernel.dtype == x.dtype:
+    return _depthwise_native(x, kernel, stride)
   return _depthwise_shift_add(x, kernel, stride)
 
 
@@ -361,6 +384,19 @@ class GlobalAvgPool(nn.Module):
     return h * w * c, 0
 
 
+@jax.custom_jvp
+def relu6(x: jax.Array) -> jax.Array:
+  """min(max(x, 0), 6), whose derivative is read off its output: the backward pass keeps only the output (which the
+  next layer keeps anyway), where autodiff of clip kept its input and two masks (twice the activation memory)."""
+  return jnp.clip(x, 0, 6)
+
+
+@relu6.defjvp
+def _relu6_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  y = relu6(primals[0])
+  return y, tangents[0] * ((y > 0) & (y < 6)).astype(tangents[0].dtype)
+
+
 def keep_active(x: jax.Array, active: jax.Array | None) -> jax.Array:
   """Zeroes the channels of `x` at and beyond `active` (a run-time count); None keeps every channel."""
   if active is None:
@@ -390,4 +426,4 @@ class ConvBN(nn.Module):
     x = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
                  self.dtype, name='conv')(x, features)
     x = SlimBatchNorm(self.features, self.bn_groups, self.dtype, name='bn')(x, train)
-    return keep_active(jnp.clip(x, 0, 6) if self.relu else x, active)
+    return keep_active(relu6(x) if self.relu else x, active)

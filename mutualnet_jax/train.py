@@ -39,13 +39,16 @@ from mutualnet_jax.train_state import (TrainState, abstract_state, create_optimi
 
 def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothing: float = 0.0,
                          temperature: float = 1.0, antialias: bool = False) -> Callable[..., Any]:
-  """(params, images, target, active) -> (metrics, grads, logits) for one sub-network bucket.
+  """(params, images, target, active, grads) -> (metrics, grads + this sub-network's gradients, logits) for one
+  sub-network bucket.
 
   `images` is the global batch at the pipeline's resolution; it is resized on the device. `target` is the labels for
   'ce' sub-networks and the teacher's logits for 'kd' ones (no gradient flows into them). `active`: the real width's
-  channel counts for a masked bucket (`model.channel_counts`), None for an exact one.
+  channel counts for a masked bucket (`model.channel_counts`), None for an exact one. `grads`: the step's gradients
+  so far (None for its first sub-network); the sum is written into its (donated) buffers, so a step keeps one
+  gradient tree however many sub-networks it trains.
   """
-  def fn(params: Any, images: jax.Array, target: jax.Array, active: jax.Array | None):
+  def fn(params: Any, images: jax.Array, target: jax.Array, active: jax.Array | None, summed: Any):
     x = resize(images, subnet.resolution, antialias)
 
     def loss_fn(p):
@@ -55,6 +58,8 @@ def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothi
       return losses.distillation(logits, target, temperature), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if summed is not None:
+      grads = jax.tree.map(jnp.add, summed, grads)
     metrics = {'loss': loss}
     if subnet.loss == 'ce':
       metrics['accuracy'] = (logits.argmax(-1) == target).mean()
@@ -63,7 +68,10 @@ def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothi
 
 
 class SubnetSteps:
-  """Compiled forward+backward functions, one per bucket, compiled at most once each (lazily or ahead of time)."""
+  """Compiled forward+backward functions, one per bucket, compiled at most once each (lazily or ahead of time).
+
+  A step's first sub-network (the teacher) starts the gradient sum, so its bucket also has a program that takes no
+  gradients: programs are keyed by (bucket, first)."""
 
   def __init__(self, model: SlimmableModel, config: ml_collections.ConfigDict, mesh: Mesh, abstract_params: Any,
                image_shape: Sequence[int], num_classes: int):
@@ -75,44 +83,47 @@ class SubnetSteps:
                     'kd': jax.ShapeDtypeStruct((image_shape[0], num_classes), jnp.float32, sharding=batch)}
     self.active = jax.ShapeDtypeStruct((len(model.channel_bases()),), jnp.int32,
                                        sharding=parallel.replicated_sharding(mesh))
-    self._compiled: dict[Bucket, Any] = {}
+    self._compiled: dict[tuple[Bucket, bool], Any] = {}
     self._lock = threading.Lock()
-    self.compile_seconds: dict[Bucket, float] = {}
+    self.compile_seconds: dict[tuple[Bucket, bool], float] = {}
 
-  def compile(self, subnet: Bucket) -> Any:
-    """Lowers and compiles one bucket (a cache hit if already compiled)."""
-    if subnet in self._compiled:
-      return self._compiled[subnet]
+  def compile(self, bucket: Bucket, first: bool = False) -> Any:
+    """Lowers and compiles one bucket's program (a cache hit if already compiled)."""
+    key = (bucket, first)
+    if key in self._compiled:
+      return self._compiled[key]
     start = time.perf_counter()
-    fn = subnet_loss_and_grad(self.model, subnet, label_smoothing=self.config.label_smoothing,
+    fn = subnet_loss_and_grad(self.model, bucket, label_smoothing=self.config.label_smoothing,
                               temperature=self.config.kd_temperature, antialias=self.config.resize_antialias)
-    active = self.active if subnet.masked else None
-    compiled = jax.jit(fn).lower(self.abstract_params, self.images, self.targets[subnet.loss], active).compile()
+    active = self.active if bucket.masked else None
+    summed = None if first else self.abstract_params
+    compiled = jax.jit(fn, donate_argnums=4).lower(self.abstract_params, self.images, self.targets[bucket.loss],
+                                                   active, summed).compile()
     with self._lock:
-      if subnet not in self._compiled:
-        self._compiled[subnet] = compiled
-        self.compile_seconds[subnet] = time.perf_counter() - start
-    return self._compiled[subnet]
+      if key not in self._compiled:
+        self._compiled[key] = compiled
+        self.compile_seconds[key] = time.perf_counter() - start
+    return self._compiled[key]
 
-  def precompile(self, subnets: Sequence[Bucket], threads: int | None = None) -> float:
-    """Compiles every bucket in parallel threads (XLA compiles outside the GIL); returns the wall time."""
+  def precompile(self, buckets: Sequence[Bucket], threads: int | None = None) -> float:
+    """Compiles every bucket in parallel threads (XLA compiles outside the GIL); the first bucket is the teacher's.
+    Returns the wall time."""
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-      list(pool.map(self.compile, subnets))
+      list(pool.map(self.compile, buckets, [True] + [False] * (len(buckets) - 1)))
     return time.perf_counter() - start
 
   @property
   def num_compiled(self) -> int:
     return len(self._compiled)
 
-  def __call__(self, subnet: Bucket, params: Any, images: jax.Array, target: jax.Array,
-               active: jax.Array | None = None):
-    return self.compile(subnet)(params, images, target, active)
+  def __call__(self, bucket: Bucket, params: Any, images: jax.Array, target: jax.Array,
+               active: jax.Array | None = None, summed: Any = None):
+    return self.compile(bucket, summed is None)(params, images, target, active, summed)
 
 
-def _sum_and_apply(tx: optax.GradientTransformation, state: TrainState,
-                   grads: Sequence[Any]) -> tuple[TrainState, jax.Array]:
-  total = jax.tree.map(lambda *g: functools.reduce(jnp.add, g), *grads)
+def _apply(tx: optax.GradientTransformation, state: TrainState, total: Any) -> tuple[TrainState, jax.Array]:
+  """One optax update from the summed gradients of a step's sub-networks."""
   updates, opt_state = tx.update(total, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return TrainState(state.step + 1, params, opt_state), optax.tree.norm(total)
@@ -136,7 +147,7 @@ class Trainer:
     self.tx = create_optimizer(config, self.schedule)
     self.steps = SubnetSteps(self.model, config, mesh, self.abstract_state().params,
                              (config.batch_size, image_size, image_size, channels), config.model.num_classes)
-    self._update = jax.jit(functools.partial(_sum_and_apply, self.tx), donate_argnums=0)
+    self._update = jax.jit(functools.partial(_apply, self.tx), donate_argnums=0)
 
   def init_state(self, seed: int) -> TrainState:
     return init_state(self.model, self.tx, seed, self.channels, self.mesh)
@@ -150,21 +161,19 @@ class Trainer:
     the new state and per-sub-network metrics."""
     plan = self.sampler.plan(plan) if isinstance(plan, int) else plan
     images, labels = batch['image'], batch['label']
-    metrics, teacher_grads, teacher_logits = self._run(plan.teacher, state.params, images, labels)
-    grads = [teacher_grads]
+    metrics, grads, teacher_logits = self._run(plan.teacher, state.params, images, labels, None)
     for student in plan.students:
       target = labels if student.loss == 'ce' else teacher_logits
-      m, g, _ = self._run(student, state.params, images, target)
+      m, grads, _ = self._run(student, state.params, images, target, grads)
       metrics.update(m)
-      grads.append(g)
     state, metrics['grad_norm'] = self._update(state, grads)
     return state, metrics
 
-  def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array):
+  def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array, summed: Any):
     bucket = self.sampler.bucket(subnet)
     active = parallel.replicate(self.model.channel_counts(subnet.width), self.mesh) if bucket.masked else None
-    m, g, logits = self.steps(bucket, params, images, target, active)
-    return {f'{k}/{subnet.name}': v for k, v in m.items()}, g, logits
+    m, grads, logits = self.steps(bucket, params, images, target, active, summed)
+    return {f'{k}/{subnet.name}': v for k, v in m.items()}, grads, logits
 
 
 class PreemptionGuard:

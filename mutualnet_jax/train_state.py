@@ -51,7 +51,8 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
 
 def _fresh_state(model: SlimmableModel, tx: optax.GradientTransformation, rng: jax.Array,
                  channels: int) -> TrainState:
-  params = init_params(model, rng, model.min_resolution, channels)
+  # One image traces the parameter shapes; BN grouping (per-device statistics) does not change them.
+  params = init_params(model.clone(bn_groups=1), rng, model.min_resolution, channels)
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 

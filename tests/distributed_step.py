@@ -32,9 +32,9 @@ def global_images():
   return rng.randn(BATCH, 16, 16, 1).astype(np.float32), (np.arange(BATCH) % 10).astype(np.int32)
 
 
-def one_step(mesh, rows):
+def one_step(mesh, rows, bn_sync=True):
   """A step on `mesh` with this process's `rows` of the global batch; returns flattened params."""
-  trainer = train.Trainer(tiny_config(bn_sync=True), mesh, channels=1, image_size=16, total_steps=10,
+  trainer = train.Trainer(tiny_config(bn_sync=bn_sync), mesh, channels=1, image_size=16, total_steps=10,
                           steps_per_epoch=10)
   images, labels = global_images()
   batch = parallel.global_batch({'image': images[rows], 'label': labels[rows]}, mesh)
@@ -52,6 +52,9 @@ def main(argv):
     np.savez(os.path.join(FLAGS.out, 'devices_8.npz'), **one_step(Mesh(np.asarray(devices), ('data',)), everything))
     np.savez(os.path.join(FLAGS.out, 'devices_1.npz'), **one_step(Mesh(np.asarray(devices[:1]), ('data',)),
                                                                   everything))
+    # The default, per-device BN statistics (one group per device), on 8 devices.
+    np.savez(os.path.join(FLAGS.out, 'per_device_bn.npz'), **one_step(Mesh(np.asarray(devices), ('data',)),
+                                                                      everything, bn_sync=False))
   elif FLAGS.mode == 'bad_batch':
     try:
       train.Trainer(tiny_config(batch_size=12), parallel.make_mesh(), channels=1, image_size=16, total_steps=1,

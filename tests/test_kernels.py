@@ -4,13 +4,14 @@ whole models (logits and every parameter gradient)."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mutualnet_jax import slim
+from mutualnet_jax import native, slim
 from mutualnet_jax.models import MODELS
 
 TOL = 1e-5
@@ -54,27 +55,58 @@ def _inputs(case):
   return x, kernel
 
 
+def native_required() -> None:
+  """The native kernels must be there in CI (MUTUALNET_REQUIRE_NATIVE=1); elsewhere their tests skip."""
+  if native.depthwise_available(jnp.zeros((1,), jnp.float32)):
+    return
+  message = f'native kernels not built ({native.library_path() or "no library"}): pip install -e . with a C++ compiler'
+  if os.environ.get('MUTUALNET_REQUIRE_NATIVE') == '1':
+    pytest.fail(message)
+  pytest.skip(message)
+
+
 @pytest.fixture(scope='module')
 def results():
-  """Every case through both paths; one jitted program per path (compiling 2 x 40 small programs took longer)."""
+  """Every case through the three paths: 'xla' (lax.conv), 'native' (cpu_fast with the jax.ffi kernels where built)
+  and 'pure' (cpu_fast's pure-JAX shift-add); one jitted program per path."""
   inputs = [_inputs(case) for case in CASES]
 
   def run_all(impl, inputs):
     return [_value_and_vjp(slim.depthwise_conv2d if dw else slim.conv2d, impl, s, x, kernel)
             for (dw, _, s, *_), (x, kernel) in zip(CASES, inputs)]
 
-  return {impl: jax.device_get(jax.jit(run_all, static_argnums=0, compiler_options=FAST_COMPILE)(impl, inputs))
-          for impl in ('xla', 'cpu_fast')}
+  def run(impl):
+    return jax.device_get(jax.jit(run_all, static_argnums=0, compiler_options=FAST_COMPILE)(impl, inputs))
+
+  out = {'xla': run('xla'), 'native': run('cpu_fast')}
+  with native.disabled():
+    out['pure'] = run('cpu_fast')
+  return out
 
 
+@pytest.mark.parametrize('path', ['native', 'pure'])
 @pytest.mark.parametrize('case', CASES, ids=_case_id)
-def test_conv_paths_agree(results, case):
+def test_conv_paths_agree(results, case, path):
+  if path == 'native' and case[0]:
+    native_required()
   i = CASES.index(case)
-  ref, got = results['xla'][i], results['cpu_fast'][i]
+  ref, got = results['xla'][i], results[path][i]
   _, k, s, _, h, w = case
   assert ref[0].shape[1:3] == (slim.conv_output_size(h, k, s), slim.conv_output_size(w, k, s))
   for name, a, b in zip(('output', 'grad wrt input', 'grad wrt kernel'), got, ref):
     assert_close(a, b, what=name)
+
+
+def test_the_native_kernels_are_what_cpu_fast_runs():
+  """The program of a float32 depthwise convolution calls the native kernels (forward and both gradients)."""
+  native_required()
+  x, kernel = _inputs(CASES[0])
+  text = jax.jit(lambda x, k: _value_and_vjp(slim.depthwise_conv2d, 'cpu_fast', 1, x, k)).lower(x, kernel).as_text()
+  for target in ('MutualnetDepthwiseForward', 'MutualnetDepthwiseBackwardInput', 'MutualnetDepthwiseBackwardKernel'):
+    assert target in text
+  with native.disabled():
+    pure = jax.jit(lambda x, k: _value_and_vjp(slim.depthwise_conv2d, 'cpu_fast', 1, x, k)).lower(x, kernel).as_text()
+  assert 'Mutualnet' not in pure
 
 
 def test_depthwise_bfloat16_gradient_dtypes():

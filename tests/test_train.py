@@ -122,7 +122,8 @@ def test_a_capacity_step_equals_the_exact_step(trainer):
   assert trainer.sampler.bucket(plan.students[1]).masked and not exact.sampler.bucket(plan.students[1]).masked
   a, ma = trainer.step(trainer.init_state(4), batch, plan)
   b, mb = exact.step(exact.init_state(4), batch, plan)
-  assert float(ma['loss/rand1']) == pytest.approx(float(mb['loss/rand1']), rel=1e-5)
+  # The KL of two close distributions is ~3e-4 made of O(1) terms: compared at float32 rounding of those terms.
+  assert float(ma['loss/rand1']) == pytest.approx(float(mb['loss/rand1']), abs=1e-6)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
@@ -181,6 +182,8 @@ def test_eight_devices_equal_one_device_with_synchronised_bn(tmp_path):
   assert one.files == eight.files and len(one.files) == 17
   for k in one.files:
     np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=5e-6, err_msg=k)
+  per_device = np.load(tmp_path / 'per_device_bn.npz')  # initialised and stepped with 8 BN groups
+  assert per_device.files == one.files and all(np.isfinite(per_device[k]).all() for k in per_device.files)
 
 
 @pytest.mark.slow

@@ -1,0 +1,85 @@
+"""The project's own XLA:CPU kernels (csrc/depthwise.cc), registered with `jax.ffi` when the install built them.
+
+`pip install` compiles csrc/ into the `mutualnet_jax._native` shared library (setup.py, for the machine it runs on:
+-march=native). When it is missing (no compiler, another platform) or disabled with MUTUALNET_NATIVE=0, everything
+falls back to the pure-JAX kernels in slim.py, which compute the same function (tests/test_kernels.py holds both to
+it).
+
+Used only on a single CPU device: XLA's SPMD partitioner cannot split a custom call over a sharded batch (it would
+gather the whole batch on every device), so multi-device meshes keep the pure-JAX path.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.machinery
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+ENV = 'MUTUALNET_NATIVE'  # '0' disables the native kernels
+_LIBRARY = '_native'
+_TARGETS = ('MutualnetDepthwiseForward', 'MutualnetDepthwiseBackwardInput', 'MutualnetDepthwiseBackwardKernel')
+
+
+def library_path() -> str | None:
+  """The built shared library next to this module, if the install built it."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+    path = os.path.join(here, _LIBRARY + suffix)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+@functools.cache
+def _registered() -> bool:
+  path = library_path()
+  if path is None or os.environ.get(ENV, '1') == '0':
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(path)
+    for name in _TARGETS:
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+  except (OSError, AttributeError):  # built for another machine or an older version of this file
+    return False
+  return True
+
+
+_disabled = [False]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+  """Traces inside use the pure-JAX kernels (tests hold the two paths to the same function)."""
+  _disabled.append(True)
+  try:
+    yield
+  finally:
+    _disabled.pop()
+
+
+def depthwise_available(x: jax.Array) -> bool:
+  """Whether the native depthwise kernels can run `x` here: built, enabled, float32, one CPU device (checked at
+  trace time)."""
+  return (not _disabled[-1] and x.dtype == np.float32 and jax.default_backend() == 'cpu'
+          and jax.device_count() == 1 and _registered())
+
+
+def _call(target: str, shape: tuple[int, ...], *operands: Any, stride: int) -> jax.Array:
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, np.float32))(*operands, stride=np.int64(stride))
+
+
+def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  return _call('MutualnetDepthwiseForward', (x.shape[0], *out_hw, x.shape[3]), x, kernel, stride=stride)
+
+
+def depthwise_backward_input(g: jax.Array, kernel: jax.Array, stride: int, in_shape: tuple[int, ...]) -> jax.Array:
+  return _call('MutualnetDepthwiseBackwardInput', tuple(in_shape), g, kernel, stride=stride)
+
+
+def depthwise_backward_kernel(x: jax.Array, g: jax.Array, stride: int, kernel_shape: tuple[int, ...]) -> jax.Array:
+  return _call('MutualnetDepthwiseBackwardKernel', tuple(kernel_shape), x, g, stride=stride)
