@@ -13,6 +13,10 @@ def imagenet_config(model: str, method: str | None = None) -> ml_collections.Con
   config.model.name = model
   config.model.num_classes = 1000
   config.model.num_downsample = 5
+  # The half-precision switch (the Flax ImageNet example's half_precision): --config.model.dtype=bfloat16 on TPUs
+  # and recent GPUs; 'float16' (older GPUs) trains with dynamic loss scaling. Parameters and BN statistics stay
+  # float32. On CPU float32 is faster (the native kernels are float32).
+  config.model.dtype = 'float32'
   config.width_range = (0.25, 1.0)
   config.capacities = (0.4, 0.55, 0.7, 0.85, 1.0)  # 1 + 4 + 5 x 4 = 25 training programs
   config.width_step = 0.05

@@ -234,4 +234,4 @@ def initial_state(config: ml_collections.ConfigDict, state: TrainState, tx: Any,
   if not config.get('init_from'):
     return state
   params = initial_params(config, jax.device_get(state.params))
-  return parallel.replicate(TrainState(state.step, params, tx.init(params)), mesh)
+  return parallel.replicate(state.replace(params=params, opt_state=tx.init(params)), mesh)

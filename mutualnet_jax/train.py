@@ -33,31 +33,37 @@ from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import input_size, resize
 from mutualnet_jax.sampling import Bucket, Sampler, StepPlan, Subnet
-from mutualnet_jax.train_state import (TrainState, abstract_state, create_optimizer, init_state,
-                                       learning_rate_schedule)
+from mutualnet_jax.train_state import (TrainState, abstract_state, adjust_loss_scale, create_optimizer, init_state,
+                                       learning_rate_schedule, needs_loss_scaling)
 
 
 def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothing: float = 0.0,
                          temperature: float = 1.0, antialias: bool = False) -> Callable[..., Any]:
-  """(params, images, target, active, grads) -> (metrics, grads + this sub-network's gradients, logits) for one
-  sub-network bucket.
+  """(params, images, target, active, scale, grads) -> (metrics, grads + this sub-network's gradients, logits) for
+  one sub-network bucket.
 
   `images` is the global batch at the pipeline's resolution; it is resized on the device. `target` is the labels for
   'ce' sub-networks and the teacher's logits for 'kd' ones (no gradient flows into them). `active`: the real width's
-  channel counts for a masked bucket (`model.channel_counts`), None for an exact one. `grads`: the step's gradients
-  so far (None for its first sub-network); the sum is written into its (donated) buffers, so a step keeps one
-  gradient tree however many sub-networks it trains.
+  channel counts for a masked bucket (`model.channel_counts`), None for an exact one. `scale`: the loss scale of a
+  float16 run (the gradients come back unscaled), None otherwise. `grads`: the step's gradients so far (None for its
+  first sub-network); the sum is written into its (donated) buffers, so a step keeps one gradient tree however many
+  sub-networks it trains.
   """
-  def fn(params: Any, images: jax.Array, target: jax.Array, active: jax.Array | None, summed: Any):
+  def fn(params: Any, images: jax.Array, target: jax.Array, active: jax.Array | None, scale: jax.Array | None,
+         summed: Any):
     x = resize(images, subnet.resolution, antialias)
 
     def loss_fn(p):
       logits = model.apply({'params': p}, x, width=subnet.width, train=True, active=active)
       if subnet.loss == 'ce':
-        return losses.cross_entropy(logits, target, label_smoothing), logits
-      return losses.distillation(logits, target, temperature), logits
+        loss = losses.cross_entropy(logits, target, label_smoothing)
+      else:
+        loss = losses.distillation(logits, target, temperature)
+      return (loss if scale is None else loss * scale), (loss, logits)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if scale is not None:
+      grads = jax.tree.map(lambda g: g / scale, grads)
     if summed is not None:
       grads = jax.tree.map(jnp.add, summed, grads)
     metrics = {'loss': loss}
@@ -83,6 +89,8 @@ class SubnetSteps:
                     'kd': jax.ShapeDtypeStruct((image_shape[0], num_classes), jnp.float32, sharding=batch)}
     self.active = jax.ShapeDtypeStruct((len(model.channel_bases()),), jnp.int32,
                                        sharding=parallel.replicated_sharding(mesh))
+    self.scale = (jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated_sharding(mesh))
+                  if needs_loss_scaling(model) else None)
     self._compiled: dict[tuple[Bucket, bool], Any] = {}
     self._lock = threading.Lock()
     self.compile_seconds: dict[tuple[Bucket, bool], float] = {}
@@ -97,8 +105,8 @@ class SubnetSteps:
                               temperature=self.config.kd_temperature, antialias=self.config.resize_antialias)
     active = self.active if bucket.masked else None
     summed = None if first else self.abstract_params
-    compiled = jax.jit(fn, donate_argnums=4).lower(self.abstract_params, self.images, self.targets[bucket.loss],
-                                                   active, summed).compile()
+    compiled = jax.jit(fn, donate_argnums=5).lower(self.abstract_params, self.images, self.targets[bucket.loss],
+                                                   active, self.scale, summed).compile()
     with self._lock:
       if key not in self._compiled:
         self._compiled[key] = compiled
@@ -118,15 +126,27 @@ class SubnetSteps:
     return len(self._compiled)
 
   def __call__(self, bucket: Bucket, params: Any, images: jax.Array, target: jax.Array,
-               active: jax.Array | None = None, summed: Any = None):
-    return self.compile(bucket, summed is None)(params, images, target, active, summed)
+               active: jax.Array | None = None, scale: jax.Array | None = None, summed: Any = None):
+    return self.compile(bucket, summed is None)(params, images, target, active, scale, summed)
 
 
-def _apply(tx: optax.GradientTransformation, state: TrainState, total: Any) -> tuple[TrainState, jax.Array]:
-  """One optax update from the summed gradients of a step's sub-networks."""
+def _apply(tx: optax.GradientTransformation, state: TrainState,
+           total: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optax update from the summed gradients of a step's sub-networks. A float16 run skips the update of a step
+  whose gradients overflowed (parameters and optimizer state unchanged, the step still counts) and adjusts its
+  loss scale; its gradient norm is then logged as 0 with `skipped` = 1."""
   updates, opt_state = tx.update(total, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return TrainState(state.step + 1, params, opt_state), optax.tree.norm(total)
+  grad_norm = optax.tree.norm(total)
+  if state.dynamic_scale is None:
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {'grad_norm': grad_norm}
+  finite = jnp.isfinite(grad_norm)
+  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state),
+                        dynamic_scale=adjust_loss_scale(state.dynamic_scale, finite))
+  return state, {'grad_norm': jnp.where(finite, grad_norm, 0.0), 'skipped': (~finite).astype(jnp.float32),
+                 'loss_scale': state.dynamic_scale.scale}
 
 
 class Trainer:
@@ -161,18 +181,20 @@ class Trainer:
     the new state and per-sub-network metrics."""
     plan = self.sampler.plan(plan) if isinstance(plan, int) else plan
     images, labels = batch['image'], batch['label']
-    metrics, grads, teacher_logits = self._run(plan.teacher, state.params, images, labels, None)
+    scale = None if state.dynamic_scale is None else state.dynamic_scale.scale
+    metrics, grads, teacher_logits = self._run(plan.teacher, state.params, images, labels, scale, None)
     for student in plan.students:
       target = labels if student.loss == 'ce' else teacher_logits
-      m, grads, _ = self._run(student, state.params, images, target, grads)
+      m, grads, _ = self._run(student, state.params, images, target, scale, grads)
       metrics.update(m)
-    state, metrics['grad_norm'] = self._update(state, grads)
-    return state, metrics
+    state, update_metrics = self._update(state, grads)
+    return state, {**metrics, **update_metrics}
 
-  def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array, summed: Any):
+  def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array, scale: jax.Array | None,
+           summed: Any):
     bucket = self.sampler.bucket(subnet)
     active = parallel.replicate(self.model.channel_counts(subnet.width), self.mesh) if bucket.masked else None
-    m, grads, logits = self.steps(bucket, params, images, target, active, summed)
+    m, grads, logits = self.steps(bucket, params, images, target, active, scale, summed)
     return {f'{k}/{subnet.name}': v for k, v in m.items()}, grads, logits
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import Mesh
 
 from mutualnet_jax import parallel
@@ -22,9 +23,29 @@ from mutualnet_jax.models.base import SlimmableModel
 
 @flax.struct.dataclass
 class TrainState:
+  """`dynamic_scale`: the loss scale of a float16 run (None otherwise, so other runs' checkpoints are unchanged)."""
   step: jax.Array
   params: Any
   opt_state: Any
+  dynamic_scale: DynamicScale | None = None
+
+
+def needs_loss_scaling(model: SlimmableModel) -> bool:
+  """float16 activations underflow in the backward pass without loss scaling; bfloat16 has float32's range."""
+  return jnp.dtype(model.dtype) == jnp.float16
+
+
+def adjust_loss_scale(scale: DynamicScale, finite: jax.Array) -> DynamicScale:
+  """The next loss scale after a step whose summed gradients were (not) finite: DynamicScale's rule (halve on
+  overflow, double after `growth_interval` finite steps), applied once per MutualNet step. flax's
+  `DynamicScale.value_and_grad` cannot be used as is: a step's gradients come from several compiled sub-network
+  programs and are checked once, summed."""
+  grow = scale.fin_steps == scale.growth_interval
+  grown = jnp.where(grow & finite, jnp.minimum(scale.scale * scale.growth_factor, jnp.finfo(jnp.float32).max),
+                    scale.scale)
+  backed_off = jnp.maximum(scale.scale * scale.backoff_factor, scale.minimum_scale or 0.0)
+  return scale.replace(scale=jnp.where(finite, grown, backed_off),
+                       fin_steps=jnp.where(grow | ~finite, 0, scale.fin_steps + 1))
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -53,7 +74,9 @@ def _fresh_state(model: SlimmableModel, tx: optax.GradientTransformation, rng: j
                  channels: int) -> TrainState:
   # One image traces the parameter shapes; BN grouping (per-device statistics) does not change them.
   params = init_params(model.clone(bn_groups=1), rng, model.min_resolution, channels)
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  scale = (DynamicScale(fin_steps=jnp.zeros((), jnp.int32), scale=jnp.asarray(2.0 ** 15, jnp.float32))
+           if needs_loss_scaling(model) else None)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), scale)
 
 
 def init_state(model: SlimmableModel, tx: optax.GradientTransformation, seed: int, channels: int,

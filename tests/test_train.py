@@ -138,6 +138,60 @@ def test_training_reduces_the_loss_on_a_fixed_batch(trainer):
   assert float(metrics['loss/max']) < first
 
 
+def _update_vector(new, old):
+  return jnp.concatenate([jnp.ravel(a - b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old))])
+
+
+@pytest.mark.parametrize('dtype,loss_rtol,update_rtol', [('bfloat16', 1e-3, 0.1), ('float16', 1e-4, 0.05)])
+def test_half_precision_step_agrees_with_float32(dtype, loss_rtol, update_rtol):
+  """The same plan, batch and initial parameters with half-precision activations: each sub-network's loss within
+  `loss_rtol` of float32's and the whole parameter update (new - old, one vector) within `update_rtol` (relative L2
+  error; bfloat16 keeps 8 mantissa bits, float16 11). Single leaves are not compared: the first step's BN-bias
+  gradients are sums that nearly cancel, so their relative error says nothing about the step."""
+  full_precision = make_trainer(tiny_config(warmup_epochs=0.0))  # no warm-up: the first step's update is not 0
+  half = make_trainer(tiny_config(warmup_epochs=0.0, **{'model.dtype': dtype}))
+  batch = make_batch(full_precision.mesh, seed=5)
+  plan = StepPlan(TEACHER, (STUDENT, Subnet('rand1', 0.613, 16, 'kd')))
+  start = full_precision.init_state(5)
+  old = jax.device_get(start.params)  # the step donates the state's buffers
+  full, m32 = full_precision.step(start, batch, plan)
+  reduced, m16 = half.step(half.init_state(5), batch, plan)
+  assert (reduced.dynamic_scale is not None) == (dtype == 'float16')
+  for name in ('loss/max', 'loss/min', 'loss/rand1'):
+    assert float(m16[name]) == pytest.approx(float(m32[name]), rel=loss_rtol, abs=2e-5)
+  reference, update = _update_vector(full.params, old), _update_vector(reduced.params, old)
+  assert float(jnp.linalg.norm(reference)) > 0
+  assert float(jnp.linalg.norm(update - reference) / jnp.linalg.norm(reference)) < update_rtol
+
+
+def test_float16_overflow_skips_the_update_and_halves_the_loss_scale():
+  """A loss scale so large that the scaled gradients overflow float16: parameters and optimizer state stay as they
+  were, the step counts, the scale halves; the next finite step updates and counts towards growth."""
+  half = make_trainer(tiny_config(warmup_epochs=0.0, **{'model.dtype': 'float16'}))
+  batch = make_batch(half.mesh, seed=6)
+  huge = half.init_state(6)
+  huge = huge.replace(dynamic_scale=huge.dynamic_scale.replace(scale=jnp.asarray(2.0 ** 100, jnp.float32)))
+  before = jax.device_get((huge.params, huge.opt_state))  # the step donates the state's buffers
+  skipped, metrics = half.step(huge, batch, PLAN)
+  assert float(metrics['skipped']) == 1.0 and float(metrics['grad_norm']) == 0.0
+  assert int(skipped.step) == 1 and float(skipped.dynamic_scale.scale) == 2.0 ** 99
+  for a, b in zip(jax.tree.leaves((skipped.params, skipped.opt_state)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  state = half.init_state(6)
+  updated, metrics = half.step(state, batch, PLAN)
+  assert float(metrics['skipped']) == 0.0 and float(metrics['grad_norm']) > 0.0
+  assert float(updated.dynamic_scale.scale) == 2.0 ** 15 and int(updated.dynamic_scale.fin_steps) == 1
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(updated.params), jax.tree.leaves(before[0])))
+
+
+def test_loss_scale_grows_after_its_interval_of_finite_steps():
+  scale = train_state.DynamicScale(growth_interval=2, fin_steps=jnp.asarray(2), scale=jnp.asarray(8.0))
+  grown = train_state.adjust_loss_scale(scale, jnp.asarray(True))
+  assert float(grown.scale) == 16.0 and int(grown.fin_steps) == 0
+  backed_off = train_state.adjust_loss_scale(scale, jnp.asarray(False))
+  assert float(backed_off.scale) == 4.0 and int(backed_off.fin_steps) == 0
+
+
 def test_precompile_covers_every_bucket_in_parallel_threads():
   trainer = make_trainer()
   buckets = trainer.sampler.buckets()
