@@ -24,18 +24,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, step_settings  # noqa: E402
+from benchmarks.step_settings import SETTINGS  # noqa: E402
 from configs import default, mobilenet_v1_imagenet, mobilenet_v1_wide_imagenet, mobilenet_v2_imagenet  # noqa: E402
 from mutualnet_jax import compilation, parallel, train  # noqa: E402
 from mutualnet_jax.cli import run_cli  # noqa: E402
 from mutualnet_jax.sampling import Sampler  # noqa: E402
 
-SETTINGS = {
-    'paper': dict(model=dict(name='mobilenet_v1', num_classes=1000, num_downsample=5), channels=3, batch=32,
-                  resolutions=(224, 192, 160, 128)),
-    'small': dict(model=dict(name='mobilenet_v1', num_classes=10, num_downsample=4), channels=1, batch=128,
-                  resolutions=(28, 24, 20, 16)),
-}
 RECIPES = {'quickstart (configs/default.py)': default.get_config,
            'mobilenet_v1_imagenet': mobilenet_v1_imagenet.get_config,
            'mobilenet_v2_imagenet': mobilenet_v2_imagenet.get_config,
@@ -50,29 +45,18 @@ common.define_common_flags()
 FLAGS = flags.FLAGS
 
 
-def _config(setting: str, capacities: tuple[float, ...]) -> object:
-  spec = SETTINGS[setting]
-  config = default.get_config()
-  config.model.update(spec['model'])
-  config.batch_size = spec['batch']
-  config.resolutions = spec['resolutions']
-  config.capacities = capacities
-  config.width_sampling = 'uniform' if capacities else 'grid'
-  return config
-
-
 def _trainer(config, setting: str) -> train.Trainer:
-  spec, size = SETTINGS[setting], max(SETTINGS[setting]['resolutions'])
+  spec, size = SETTINGS[setting], max(step_settings.resolutions(setting))
   return train.Trainer(config, parallel.make_mesh(), channels=spec['channels'], image_size=size, total_steps=1000,
                        steps_per_epoch=1000)
 
 
 def time_steps(setting: str, capacities: tuple[float, ...], plans: list) -> dict:
   """Compiles every program the plans need, then the median seconds per step over `rounds` passes."""
-  config = _config(setting, capacities)
+  config = step_settings.config(setting, capacities)
   trainer = _trainer(config, setting)
   spec = SETTINGS[setting]
-  size = max(spec['resolutions'])
+  size = max(step_settings.resolutions(setting))
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({
       'image': rng.standard_normal((spec['batch'], size, size, spec['channels']), np.float32),
@@ -99,7 +83,7 @@ def time_steps(setting: str, capacities: tuple[float, ...], plans: list) -> dict
 def step_part() -> list[dict]:
   rows = []
   for setting in FLAGS.settings:
-    sampler = Sampler(_config(setting, (1.0,)))
+    sampler = Sampler(step_settings.config(setting, (1.0,)))
     plans = [sampler.plan(step) for step in range(FLAGS.plans)]
     exact = time_steps(setting, (), plans)
     rows.append(exact)

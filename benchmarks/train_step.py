@@ -8,7 +8,8 @@ Settings (fixed buckets, so every run times the same work; presets of ../shared/
   paper: MobileNet v1, ImageNet shape, batch 32, buckets (1.0,224) (0.25,128) (0.5,160) (0.75,192)
   small: the Fashion-MNIST quickstart model, batch 128, buckets (1.0,28) (0.25,16) (0.5,20) (0.75,24)
 Variants of this project: tcmalloc (what main.py runs under), glibc (the system allocator), thp (glibc on transparent
-huge pages), pure_jax (tcmalloc without the native depthwise kernels: MUTUALNET_NATIVE=0). Each (setting, variant)
+huge pages), pure_jax (tcmalloc without the native depthwise kernels: MUTUALNET_NATIVE=0), tcmalloc_default_release
+(tcmalloc at gperftools' default TCMALLOC_RELEASE_RATE=1 instead of main.py's 10). Each (setting, variant)
 and the peer run in their own subprocess, one after the other, so peak memory is each one's own.
 
 Reported per row: img/s (median step), the ratio to the peer's img/s measured in the same run, achieved GFLOP/s
@@ -31,21 +32,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.step_settings import SETTINGS  # noqa: E402
 from mutualnet_jax import allocator as malloc  # noqa: E402
 from mutualnet_jax.cli import run_cli  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = {
-    'paper': dict(model=dict(name='mobilenet_v1', num_classes=1000, num_downsample=5), channels=3, batch=32,
-                  buckets=((1.0, 224), (0.25, 128), (0.5, 160), (0.75, 192)), peer='imagenet'),
-    'small': dict(model=dict(name='mobilenet_v1', num_classes=10, num_downsample=4), channels=1, batch=128,
-                  buckets=((1.0, 28), (0.25, 16), (0.5, 20), (0.75, 24)), peer='fmnist'),
-}
 VARIANTS = {  # name: (MUTUALNET_MALLOC, extra environment)
     'tcmalloc': ('tcmalloc', {}),
     'glibc': ('system', {}),
     'thp': ('hugepages', {}),
     'pure_jax': ('tcmalloc', {'MUTUALNET_NATIVE': '0'}),
+    'tcmalloc_default_release': ('tcmalloc', {'TCMALLOC_RELEASE_RATE': '1'}),  # gperftools' own release rate
 }
 
 flags.DEFINE_list('settings', ['paper', 'small'], f'Which of {sorted(SETTINGS)}.')
@@ -70,27 +67,17 @@ def run_one(setting: str) -> dict:
   """Builds the Trainer for `setting`, compiles every bucket (cold cache, then warm) and times the step."""
   import jax  # noqa: PLC0415  the worker process only: the parent must not initialise JAX or pick an allocator
   import numpy as np  # noqa: PLC0415
-  from configs import default  # noqa: PLC0415
-  from mutualnet_jax import compilation, native, parallel, profile, train  # noqa: PLC0415
-  from mutualnet_jax.sampling import StepPlan, Subnet  # noqa: PLC0415
+  from benchmarks import step_settings  # noqa: PLC0415
+  from mutualnet_jax import compilation, native, profile  # noqa: PLC0415
 
   spec = SETTINGS[setting]
-  config = default.get_config()
-  config.model.update(spec['model'])
-  config.batch_size = spec['batch']
-  config.resolutions = tuple(sorted({r for _, r in spec['buckets']}, reverse=True))
-  config.capacities, config.width_sampling = (), 'grid'  # the fixed buckets run exact, like the peer
-  subnets = [Subnet(f'sub{i}', w, r, 'ce' if i == 0 else 'kd') for i, (w, r) in enumerate(spec['buckets'])]
-  plan = StepPlan(subnets[0], tuple(subnets[1:]))
-  size = subnets[0].resolution
-  mesh = parallel.make_mesh()
   ceiling = common.ceiling_from_flags()
 
   compilation.enable_cache(tempfile.mkdtemp(prefix='xla_cache_'))
   compile_s, hlo = {}, {}
   for label in ('cold', 'warm'):  # a fresh Trainer each time: the second compile can only hit the disk cache
-    trainer = train.Trainer(config, mesh, channels=spec['channels'], image_size=size, total_steps=1000,
-                            steps_per_epoch=1000)
+    trainer, plan, batch = step_settings.fixed_step(setting)
+    subnets = (plan.teacher, *plan.students)
     per_bucket = {}
     for i, s in enumerate(subnets):
       t0 = time.perf_counter()
@@ -99,10 +86,6 @@ def run_one(setting: str) -> dict:
     compile_s[label] = {'per_bucket': per_bucket, 'total': sum(per_bucket.values())}
   bandwidth = common.memory_bandwidth()
 
-  rng = np.random.default_rng(0)
-  batch = parallel.global_batch({
-      'image': rng.standard_normal((spec['batch'], size, size, spec['channels']), np.float32),
-      'label': rng.integers(0, spec['model']['num_classes'], spec['batch']).astype(np.int32)}, mesh)
   holder, resident = {'state': trainer.init_state(0)}, []
 
   def step():

@@ -1,11 +1,11 @@
 """Which malloc the process runs on: tcmalloc when the machine has it, chosen before anything else is imported.
 
 XLA:CPU writes a fresh output buffer for every op of a step. With glibc's malloc those buffers are returned to the
-kernel and every page is faulted in again on the next call; tcmalloc keeps them. Measured with
-`benchmarks/train_step.py` on 2 cores: the MutualNet step ran 1.46-1.60x faster (Fashion-MNIST setting 116 -> 170
-img/s, paper setting 6.7 -> 10.7 img/s) for 1.1x-1.7x the peak resident memory. On GPU/TPU hosts it is the usual
-choice too (TPU VM images preload it). The allocator is read when the process starts, so `use` re-executes the
-program once with `LD_PRELOAD` set.
+kernel and every page is faulted in again on the next call; tcmalloc keeps them: a faster step for more resident
+memory (benchmarks/train_step.py measures both, README "Benchmarks"). tcmalloc runs with TCMALLOC_RELEASE_RATE=10
+(unless set): it hands idle pages back ten times as fast as its default, which cut the peak memory of the paper
+setting by a quarter at the same speed. On GPU/TPU hosts tcmalloc is the usual choice too (TPU VM images preload it).
+The allocator is read when the process starts, so `use` re-executes the program once with `LD_PRELOAD` set.
 
 MUTUALNET_MALLOC: 'auto' (default: tcmalloc if installed, else the system allocator), 'tcmalloc' (required),
 'system' (glibc's malloc: an inherited tcmalloc preload is removed), 'hugepages' (glibc on transparent huge pages,
@@ -24,6 +24,7 @@ CHOICES = ('auto', 'tcmalloc', 'system', 'hugepages')
 TCMALLOC = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4', '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4',
             '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4', '/usr/lib/aarch64-linux-gnu/libtcmalloc.so.4')
 _HUGEPAGES = 'glibc.malloc.hugetlb=1'
+RELEASE_RATE = '10'
 
 
 def find_tcmalloc(candidates: Sequence[str] = TCMALLOC) -> str | None:
@@ -49,6 +50,7 @@ def environment(choice: str, environ: Mapping[str, str], tcmalloc: str | None) -
                         f'or set {ENV}=auto.')
       return None
     env['LD_PRELOAD'] = ':'.join([tcmalloc] + preload)
+    env.setdefault('TCMALLOC_RELEASE_RATE', RELEASE_RATE)
     return env
   tunables = env.get('GLIBC_TUNABLES', '')
   if choice == 'hugepages' and _HUGEPAGES not in tunables:

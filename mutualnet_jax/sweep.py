@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -86,8 +87,10 @@ def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int, repea
   out = []
   for batch in (1, run.config.eval_batch_size):
     images = jax.device_put(np.zeros((batch, resolution, resolution, run.channels), np.float32), device)
-    compiled = predict.lower(variables, images).compile()
-    out.append(latency.median_ms(lambda: compiled(variables, images), repeats=repeats))
+    program = predict.lower(variables, images).compile()
+    # A whole eval batch is ~eval_batch_size times the work of one image: its median is steady after 3 timed calls.
+    out.append(latency.median_ms(functools.partial(program, variables, images), repeats=repeats,
+                                 max_seconds=2.0 if batch == 1 else 0.25))
   if tflite:
     from mutualnet_jax import tf_export  # noqa: PLC0415  optional: the TF converter and interpreter load on demand
     out.append(tf_export.network_tflite_latency_ms(model, batch=1, repeats=repeats))

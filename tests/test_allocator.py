@@ -14,7 +14,10 @@ LIB = '/opt/lib/libtcmalloc_minimal.so.4'
 
 def test_auto_preloads_tcmalloc_when_installed_and_keeps_other_preloads():
   env = allocator.environment('auto', {'PATH': '/bin', 'LD_PRELOAD': '/x/libfoo.so'}, LIB)
-  assert env == {'PATH': '/bin', 'LD_PRELOAD': f'{LIB}:/x/libfoo.so'}
+  assert env == {'PATH': '/bin', 'LD_PRELOAD': f'{LIB}:/x/libfoo.so', 'TCMALLOC_RELEASE_RATE': '10'}
+  # A release rate the user chose is kept.
+  env = allocator.environment('tcmalloc', {'TCMALLOC_RELEASE_RATE': '2'}, LIB)
+  assert env == {'LD_PRELOAD': LIB, 'TCMALLOC_RELEASE_RATE': '2'}
 
 
 def test_no_restart_when_already_running_under_it_or_when_absent_or_system():
