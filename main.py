@@ -41,6 +41,8 @@ flags.DEFINE_enum('latency', 'jax', ['jax', 'tflite'], 'query: the runtime --bud
                   '--mode=sweep --tflite_latency).')
 flags.DEFINE_bool('tflite_latency', False, 'sweep: also time each configuration in the TFLite interpreter (about 2 s '
                   'more per configuration), so --latency=tflite queries can target it.')
+flags.DEFINE_bool('batch_latency', False, 'sweep: also time one eval batch per configuration (one more program to '
+                  'compile per configuration; the ms@batch column).')
 flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep output: for people or for scripts.')
 flags.DEFINE_list('workdirs', None, 'plot: swept workdirs to overlay, each WORKDIR or WORKDIR@RES (rows at RES only).')
 flags.DEFINE_list('labels', None, 'plot: one label per --workdirs entry; equal labels are pooled.')
@@ -68,7 +70,7 @@ def main(argv):
       resolutions=parse_numbers(FLAGS.resolutions, int, 'resolutions'), latency_repeats=FLAGS.latency_repeats,
       budget_mflops=FLAGS.budget_mflops, budget_ms=FLAGS.budget_ms, format=FLAGS.format, workdirs=FLAGS.workdirs,
       labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes,
-      tflite_latency=FLAGS.tflite_latency, latency=FLAGS.latency)
+      tflite_latency=FLAGS.tflite_latency, batch_latency=FLAGS.batch_latency, latency=FLAGS.latency)
   print(commands.run(FLAGS.mode, loaded_config(FLAGS.config), FLAGS.workdir, options))
 
 

@@ -35,6 +35,7 @@ class Options:
   out: str | None = None
   resume_with_changes: bool = False
   tflite_latency: bool = False
+  batch_latency: bool = False
   latency: str = 'jax'
 
 
@@ -64,7 +65,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> 
   if options.latency_repeats < 1:
     raise UserError(f'--latency_repeats must be at least 1, got {options.latency_repeats}.')
   s = sweeping.run_sweep(config, workdir, options.widths, options.resolutions,
-                         latency_repeats=options.latency_repeats, tflite_latency=options.tflite_latency)
+                         latency_repeats=options.latency_repeats, batch_latency=options.batch_latency,
+                         tflite_latency=options.tflite_latency)
   return _render(options, s, f"{s['configurations']} configurations in {s['wall_seconds']:.0f} s "
                              f"({s['compiles']} compilations): {', '.join(s.get('table', []))}; plot {s.get('plot')}")
 

@@ -31,7 +31,7 @@ class Row:
   top1: float
   top5: float
   latency_ms: float        # batch 1, median, JAX on the sweep's device
-  latency_batch_ms: float  # one eval batch, median
+  latency_batch_ms: float | None = None  # one eval batch, median (optional: --mode=sweep --batch_latency)
   tflite_latency_ms: float | None = None  # batch 1, median, the TFLite interpreter on the sweep's CPU (optional)
 
 
@@ -179,5 +179,6 @@ def format_rows(rows: Sequence[Row]) -> str:
   lines = [f"{'width':>6} {'res':>4} {'MFLOPs':>9} {'Mparams':>8} {'top1 %':>7} {'top5 %':>7} {'ms@1':>7} "
            f"{'ms@batch':>9}"]
   lines += [f'{r.width:>6g} {r.resolution:>4d} {r.macs / 1e6:>9.2f} {r.params / 1e6:>8.3f} {100 * r.top1:>7.2f} '
-            f'{100 * r.top5:>7.2f} {r.latency_ms:>7.3g} {r.latency_batch_ms:>9.4g}' for r in rows]
+            f'{100 * r.top5:>7.2f} {r.latency_ms:>7.3g} '
+            f"{'-' if r.latency_batch_ms is None else format(r.latency_batch_ms, '.4g'):>9}" for r in rows]
   return '\n'.join(lines)

@@ -76,29 +76,38 @@ class _Timer:
       self.compile_seconds[name] = self.compile_seconds.get(name, 0.0) + self.counter.seconds - compiling
 
 
-def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int, repeats: int,
-               tflite: bool) -> tuple[float, float, float | None]:
-  """Median ms of the exported network at batch 1 and at the eval batch size, on the first local device, and at
-  batch 1 in the TFLite interpreter when asked."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """What the sweep times per configuration: batch 1 in JAX always (what `--budget_ms` bounds); one eval batch and
+  the TFLite interpreter only when asked, each being one more exact program per configuration to compile."""
+  repeats: int = 10
+  batch: bool = False
+  tflite: bool = False
+
+
+def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int,
+               timing: Timing) -> tuple[float, float | None, float | None]:
+  """Median ms of the exported network at batch 1 on the first local device, and what `timing` adds (None when
+  not asked)."""
   model = export.build(run.model, run.params, stats, width, resolution, run.channels, run.config.resize_antialias)
   device = jax.local_devices()[0]
   variables = jax.device_put(model.variables, device)
   predict = jax.jit(lambda v, x: export.apply_narrow(model.model, v, x, width))
   out = []
-  for batch in (1, run.config.eval_batch_size):
-    images = jax.device_put(np.zeros((batch, resolution, resolution, run.channels), np.float32), device)
+  for size in (1, run.config.eval_batch_size) if timing.batch else (1,):
+    images = jax.device_put(np.zeros((size, resolution, resolution, run.channels), np.float32), device)
     program = predict.lower(variables, images).compile()
     # A whole eval batch is ~eval_batch_size times the work of one image: its median is steady after 3 timed calls.
-    out.append(latency.median_ms(functools.partial(program, variables, images), repeats=repeats,
-                                 max_seconds=2.0 if batch == 1 else 0.25))
-  if tflite:
+    out.append(latency.median_ms(functools.partial(program, variables, images), repeats=timing.repeats,
+                                 max_seconds=2.0 if size == 1 else 0.25))
+  tflite_ms = None
+  if timing.tflite:
     from mutualnet_jax import tf_export  # noqa: PLC0415  optional: the TF converter and interpreter load on demand
-    out.append(tf_export.network_tflite_latency_ms(model, batch=1, repeats=repeats))
-  return out[0], out[1], (out[2] if tflite else None)
+    tflite_ms = tf_export.network_tflite_latency_ms(model, batch=1, repeats=timing.repeats)
+  return out[0], (out[1] if timing.batch else None), tflite_ms
 
 
-def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], latency_repeats: int,
-             tflite_latency: bool = False) -> tuple[list[Row], dict[str, Any]]:
+def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing) -> tuple[list[Row], dict[str, Any]]:
   """One row per (width, resolution), reporting progress with an ETA; plus counts and seconds per phase."""
   config = run.config
   eval_batches = input_pipeline.Replay(
@@ -116,7 +125,7 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], latency_repeat
       with timer.phase('evaluate'):
         acc = run.evaluate(stats, w, r, eval_batches)
       with timer.phase('latency'):
-        ms, ms_batch, ms_tflite = _latencies(run, stats, w, r, latency_repeats, tflite_latency)
+        ms, ms_batch, ms_tflite = _latencies(run, stats, w, r, timing)
       calibrated += new
       count = int(acc['count'])
       rows.append(Row(w, r, costs[w, r].macs, costs[w, r].params, acc['top1'], acc['top5'], ms, ms_batch, ms_tflite))
@@ -165,19 +174,19 @@ def _merge_with_table(workdir: str, rows: list[Row], meta: dict[str, Any]) -> li
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
               resolutions: Sequence[int] | None = None, *, latency_repeats: int = 10,
-              tflite_latency: bool = False) -> dict[str, Any]:
+              batch_latency: bool = False, tflite_latency: bool = False) -> dict[str, Any]:
   """Measures the selected configurations (default: the sweep grid), writes the query table (merged with an
   earlier one of the same checkpoint) and its plot; returns a summary, also written to `sweep_summary.json`."""
   start = time.perf_counter()
   pairs = selection(config, widths, resolutions)
   with _writer(workdir, 'sweep'):
-    return _sweep(config, workdir, pairs, latency_repeats, tflite_latency, start)
+    return _sweep(config, workdir, pairs, Timing(latency_repeats, batch_latency, tflite_latency), start)
 
 
-def _sweep(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]], latency_repeats: int,
-           tflite_latency: bool, start: float) -> dict[str, Any]:
+def _sweep(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]], timing: Timing,
+           start: float) -> dict[str, Any]:
   run = open_run(config, workdir)
-  rows, summary = _measure(run, pairs, latency_repeats, tflite_latency)
+  rows, summary = _measure(run, pairs, timing)
   summary.update(device=str(jax.local_devices()[0]), backend=jax.default_backend())
   meta = {'workdir': os.fspath(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest,
           'method': config.method, 'model': config.model.name, 'dataset': config.dataset,

@@ -61,7 +61,7 @@ def swept(fashion_data_dir, tmp_path_factory):
   ckpt = checkpointing.Checkpoints(workdir, keep=1, expected=checkpointing.fingerprint(config, 1))
   ckpt.save(3, trainer.init_state(0), {'step': 3})
   ckpt.close()
-  summary = sweep.run_sweep(config, workdir, latency_repeats=3)
+  summary = sweep.run_sweep(config, workdir, latency_repeats=3, batch_latency=True)
   return config, workdir, summary, query.read_table(workdir)[0]
 
 
@@ -88,6 +88,10 @@ def test_partial_sweep_reuses_the_store_and_updates_only_its_row(swept):
   assert [(r.width, r.resolution) for r in merged] == [(r.width, r.resolution) for r in rows]
   for old, new in zip(rows, merged):  # same statistics and images: the same accuracy
     assert (old.top1, old.top5, old.macs) == (new.top1, new.top5, new.macs)
+  # The eval-batch latency is timed only when asked: the re-measured row has none, the table prints '-'.
+  remeasured = next(r for r in merged if (r.width, r.resolution) == (1.0, 16))
+  assert remeasured.latency_batch_ms is None and remeasured.latency_ms > 0
+  assert query.format_rows([remeasured]).splitlines()[1].split()[-1] == '-'
 
 
 @pytest.mark.slow
