@@ -66,7 +66,7 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
 
   # Optimisation (mutualnet_jax.train).
   config.batch_size = 128             # global batch, split over all devices of all hosts
-  config.num_epochs = 0.5             # the 2-core quickstart: ~135 img/s for the 4-sub-network step, ~6 min
+  config.num_epochs = 0.5             # the 2-core quickstart, a smoke-sized budget (README: its time and accuracy)
   config.num_train_steps = -1         # > 0 overrides num_epochs
   config.steps_per_run = -1           # > 0: save and exit after this many steps; the same command continues
   config.learning_rate = 0.1

@@ -225,9 +225,9 @@ _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
   """Depthwise KxK convolution; `kernel` is (K, K, C).
 
-  'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass per operand, 2-10x the
-  fused shift-add) when the install built them and the array is float32 on one CPU device, else the shift-add with
-  a hand-written gradient. Both are `jax.custom_vjp`s: reverse mode only; forward-mode `jax.jvp` is not supported.
+  'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass over memory per operand,
+  where XLA's fused shift-add makes several) when the install built them and the array is float32 on one CPU device,
+  else the shift-add with a hand-written gradient. Both are `jax.custom_vjp`s: reverse mode only; forward-mode `jax.jvp` is not supported.
   """
   k, _, c = kernel.shape
   if impl == 'xla':
