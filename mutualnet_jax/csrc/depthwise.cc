@@ -174,26 +174,16 @@ ffi::Error BackwardKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+// The three kernels take the same operands: two float32 buffers in, one out, the stride as an attribute.
+static auto TwoInOneOut() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseBackwardInput, BackwardInputImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseBackwardKernel, BackwardKernelImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseForward, ForwardImpl, TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseBackwardInput, BackwardInputImpl, TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseBackwardKernel, BackwardKernelImpl, TwoInOneOut());
