@@ -76,7 +76,10 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.1
   config.momentum = 0.9
   config.nesterov = True
-  config.weight_decay = 1e-4          # conv/dense kernels only: not depthwise, BN or biases
+  config.weight_decay = 1e-4
+  # Which parameters decay: 'kernels' (conv/dense kernels, not depthwise, BN or biases: the official ImageNet rule)
+  # or 'all' (every parameter: the official code's rule for every other dataset).
+  config.weight_decay_params = 'kernels'
   config.bn_sync = False              # False: BN statistics per device (as nn.DataParallel replicas in the official code)
 
   # Fine-tuning (mutualnet_jax.init_from): start a fresh run from another run's backbone. Ignored once the workdir

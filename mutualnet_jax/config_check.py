@@ -86,6 +86,7 @@ RULES: dict[str, tuple[Predicate, str, str]] = {
     'momentum': (_num(0, 1, hi_open=True), 'in [0, 1)', '0.9'),
     'nesterov': (_BOOL, 'True or False', 'True'),
     'weight_decay': (_num(0), 'a weight decay >= 0', '1e-4'),
+    'weight_decay_params': (_one_of('kernels', 'all'), "'kernels' or 'all'", 'kernels'),
     'bn_sync': (_BOOL, 'True or False', 'False'),
     'init_from': (_STR, 'a training workdir, an export or a .npz parameter file (or empty)', "''"),
     'init_classifier': (_one_of('auto', 'fresh', 'load'), "'auto', 'fresh' or 'load'", 'auto'),

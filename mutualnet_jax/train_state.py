@@ -6,6 +6,7 @@ next to the model and optimizer construction, not inside the trainer.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -48,10 +49,11 @@ def adjust_loss_scale(scale: DynamicScale, finite: jax.Array) -> DynamicScale:
                        fin_steps=jnp.where(grow | ~finite, 0, scale.fin_steps + 1))
 
 
-def weight_decay_mask(params: Any) -> Any:
-  """True for regular conv and dense kernels; False for depthwise kernels (K, K, C), BN parameters and biases."""
+def weight_decay_mask(params: Any, which: str = 'kernels') -> Any:
+  """'kernels': True for regular conv and dense kernels, False for depthwise kernels (K, K, C), BN parameters and
+  biases (the official ImageNet rule); 'all': True everywhere (the official rule for other datasets)."""
   def decays(path: tuple[Any, ...], leaf: Any) -> bool:
-    return getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim != 3
+    return which == 'all' or (getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim != 3)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -66,7 +68,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
 
 def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum; weight decay added to the gradient of decayed parameters only (PyTorch SGD)."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+  mask = functools.partial(weight_decay_mask, which=config.get('weight_decay_params', 'kernels'))
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=mask),
                      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
 
 

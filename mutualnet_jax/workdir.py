@@ -114,10 +114,10 @@ FREE_TO_CHANGE = frozenset({
     'init_from', 'init_classifier'})  # a resumed run never reads init_from: its own checkpoint wins
 # Optimisation settings a run that diverged may change without --resume_with_changes (the fix for a divergence).
 OPTIMISER_FIELDS = frozenset({'learning_rate', 'warmup_epochs', 'momentum', 'nesterov', 'weight_decay',
-                              'label_smoothing'})
+                              'weight_decay_params', 'label_smoothing'})
 # What a field missing from an older config.json meant in the code that wrote it.
 LEGACY_VALUES = {'width_sampling': 'grid', 'capacities': (), 'color_jitter': 0.0, 'lighting': 0.0, 'mean': (),
-                 'std': (), 'init_from': '', 'profile_steps': 0}
+                 'std': (), 'init_from': '', 'profile_steps': 0, 'weight_decay_params': 'kernels'}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

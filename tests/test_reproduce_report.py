@@ -260,20 +260,29 @@ def test_run_list_is_data():
   names = runs_lib.by_name()  # asserts that no two runs share a workdir
   assert len(names) == sum(len(r.runs) for r in runs_lib.ROUNDS)
   assert not runs_lib.ROUND1.run_by_default and all(r.budget.round == 2 for r in runs_lib.select())
+  # The pilot first: the independent full network and MutualNet, seed 0, with their test curves.
   first = runs_lib.select(max_priority=1)
-  assert {(r.budget.name, r.series, r.seed) for r in first} == {
-      ('overfit', m, s) for m in ('MutualNet', 'US-Net', 'Independent') for s in (0, 1)}
+  assert [(r.series, r.seed, r.extra) for r in first] == [('Independent', 0, runs_lib.PILOT_EVAL),
+                                                          ('MutualNet', 0, runs_lib.PILOT_EVAL)]
   assert all((r.width, r.resolution) == runs_lib.FULL for r in first if r.method == 'independent')
+  # Claim 4 with 4 seeds comes next, before any other method.
+  claim4 = runs_lib.select(max_priority=2)
+  assert {(r.series, r.seed) for r in claim4} == {(m, s) for m in ('MutualNet', 'Independent') for s in range(4)}
+  overfit = [r for r in runs_lib.ROUND2.runs if r.budget.name == 'overfit']
+  seeds = lambda pred: {r.seed for r in overfit if pred(r)}  # noqa: E731
+  assert len(seeds(lambda r: r.method == 'usnet')) >= 4
+  grid = {(r.width, r.resolution) for r in overfit if r.method == 'independent'} - {runs_lib.FULL}
+  assert len(grid) == 3 and all(len(seeds(lambda r, k=k: (r.width, r.resolution) == k)) >= 2 for k in grid)
   for budget in runs_lib.ROUND2.budgets:
     runs = [r for r in runs_lib.ROUND2.runs if r.budget == budget]
-    seeds = lambda pred: {r.seed for r in runs if pred(r)}  # noqa: E731
-    assert len(seeds(lambda r: r.method == 'mutualnet' and not r.diagnostic)) >= 4
-    assert len(seeds(lambda r: r.method == 'usnet')) >= 4
-    assert len(seeds(lambda r: (r.width, r.resolution) == runs_lib.FULL)) >= 4
-    grid = {(r.width, r.resolution) for r in runs if r.method == 'independent'}
-    assert len(grid) == 16 and all(len(seeds(lambda r, k=k: (r.width, r.resolution) == k)) >= 2 for k in grid)
     assert all(f'--config.num_epochs={budget.epochs}' in r.overrides() for r in runs)  # same schedule for all
-    assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= runs[0].sweep_configs()
+    assert all('--config.weight_decay_params=all' in r.overrides() for r in runs)     # the official rule
+    mutualnet = next(r for r in runs if r.method == 'mutualnet')
+    assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= mutualnet.sweep_configs()
+  assert max(r.priority for r in runs_lib.ROUND2.runs if r.budget.name == 'long') == max(
+      r.priority for r in runs_lib.ROUND2.runs)  # the long budget is last
+  # The whole plan fits about 8 hours of 2 cores.
+  assert sum(runs_lib.estimated_seconds(r) for r in runs_lib.select()) < 8 * 3600
   assert runs_lib.ROUND1.runs[0].overrides()[:1] == ['--config.num_epochs=2']
 
 

@@ -54,6 +54,18 @@ def test_weight_decay_skips_depthwise_bn_and_biases(trainer):
   assert float(jnp.abs(updates['stem']['bn']['scale']).max()) == 0.0
 
 
+def test_weight_decay_params_all_decays_every_parameter(trainer):
+  """The official rule for non-ImageNet datasets: depthwise kernels, BN parameters and biases decay too."""
+  params = trainer.abstract_state().params
+  assert all(jax.tree.leaves(train_state.weight_decay_mask(params, 'all')))
+  config = tiny_config(momentum=0.0, nesterov=False, weight_decay=0.1, weight_decay_params='all')
+  tx = train_state.create_optimizer(config, optax.constant_schedule(1.0))
+  p = jax.tree.map(lambda s: jnp.ones(s.shape), params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+  for leaf in jax.tree.leaves(updates):
+    np.testing.assert_allclose(leaf, -0.1, rtol=1e-5)
+
+
 def test_step_sums_the_subnetwork_gradients_into_one_update(trainer):
   mesh = trainer.mesh
   batch = make_batch(mesh)

@@ -10,10 +10,10 @@ Round 1 (2026-11) is kept as it ran: it documents what produced benchmarks/repro
 only place its results survive. It is never re-run by default (the library's defaults have changed since, see
 `ROUND1.described`).
 
-Round 2 uses the config's defaults for the width sampler (uniform continuous widths, as in the official code) and
-a random-resized-crop augmentation for every method, under two budgets: 'overfit' (a 10k-image training subset,
-trained until independent networks over-fit) and 'long' (the full training set, long enough for the independent
-1.0@28 network to get near its ceiling). Set the epochs of both in EPOCHS, the one place they live.
+Round 2 uses the official recipe for a non-ImageNet dataset for every method (uniform continuous widths, weight
+decay on every parameter, pad-crop + flip) under the 'overfit' budget (a 5k-image training subset trained until the
+independent full network over-fits; the whole plan fits about 8 hours of 2 cores, `run.py --list` prints it) and an
+optional 'long' one (the full training set, one seed, last). Subset and epochs live in OVERFIT_IMAGES and EPOCHS.
 """
 from __future__ import annotations
 
@@ -25,10 +25,6 @@ CONFIG = 'configs/default.py'
 LATENCY_REPEATS = 5
 LABELS = {'mutualnet': 'MutualNet', 'usnet': 'US-Net', 'independent': 'Independent'}
 DIAGNOSTIC_OVERRIDES = ('--config.inplace_distillation=False',)
-
-# Round 2's schedules, in epochs of each budget's training split: placeholders until the run times are measured
-# (python benchmarks/reproduce/run.py --list prints the runs; timings.json has seconds per run and step).
-EPOCHS = {'overfit': 40, 'long': 30}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +56,7 @@ class Run:
   resolution: int | None = None    # independent only
   diagnostic: bool = False         # MutualNet without in-place distillation: context, not a compared method
   tag: str = ''                    # round 1: the run's label in its CSV when it was not the method's
+  extra: tuple[str, ...] = ()      # overrides that change nothing in training (e.g. the pilot's test curves)
 
   @property
   def series(self) -> str:
@@ -77,6 +74,7 @@ class Run:
     settings = {**self.budget.settings, 'num_epochs': self.budget.epochs, 'seed': self.seed}
     out = [f'--config.{k}={v}' for k, v in settings.items()]
     out += list(DIAGNOSTIC_OVERRIDES) if self.diagnostic else []
+    out += list(self.extra)
     if self.method == 'independent':
       out += [f'--config.independent_width={self.width}', f'--config.independent_resolution={self.resolution}']
     return out
@@ -163,61 +161,89 @@ ROUND1 = Round(
 # ----------------------------------------------------------------------------------------------------------------------
 # Round 2.
 
+# The official recipe for a dataset other than ImageNet (taoyang1122/MutualNet train.py and utils/datasets.py):
+# SGD Nesterov 0.9, lr 0.1, cosine per step, weight decay 1e-4 on every parameter, pad-crop (4 px) + flip. One
+# deviation, the same for every method: a 47-step linear warm-up (without it the first ~50 steps diverge here).
 ROUND2_COMMON = {
     'batch_size': 128,
     'learning_rate': 0.1,
-    'warmup_epochs': 0.1,
     'weight_decay': 1e-4,
-    'augmentation': 'random_resized_crop',  # area in config.crop_scale, aspect 3/4-4/3, flip; whole image at eval
+    'weight_decay_params': 'all',
+    'augmentation': 'small',
     'eval_every_steps': 0,
     'checkpoint_every_steps': 200,
 }
+# 'overfit': a training subset small and an epoch count long enough that the independent full network over-fits
+# (the pilot, priority 1, shows it: training accuracy >= 99 % while its test accuracy has passed its peak).
+OVERFIT_IMAGES = 5000
+EPOCHS = {'overfit': 60, 'long': 10}
+STEPS_PER_EPOCH = {'overfit': OVERFIT_IMAGES // ROUND2_COMMON['batch_size'],
+                   'long': 60_000 // ROUND2_COMMON['batch_size']}
+# The pilot's in-training evaluation (test top-1 of the full network every 2 epochs): evidence of over-fitting,
+# changes nothing in training (the field is free to change on resume).
+PILOT_EVAL = (f'--config.eval_every_steps={2 * STEPS_PER_EPOCH["overfit"]}',)
 # MutualNet and US-Net: the widths of the old 0.25 grid plus three off it (untrained widths dipped in round 1),
-# at every resolution. The 0.05 grid (16 widths) is too many sweeps per seed for 2 cores.
+# at every resolution.
 ROUND2_SWEEP = dict(sweep_widths=(1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25), sweep_resolutions=(28, 24, 20, 16))
-INDEPENDENT_GRID = [(w, r) for r in (28, 24, 20, 16) for w in (1.0, 0.75, 0.5, 0.25)]
 FULL = (1.0, 28)
+OTHER_INDEPENDENT = ((0.25, 16), (0.5, 20), (0.75, 24))  # claim 4b: one per resolution, across the width range
 CORE_SEEDS = (0, 1, 2, 3)       # MutualNet, US-Net and the independent FULL network
 GRID_SEEDS = (0, 1)             # the other independent networks
-DIAGNOSTIC_SEEDS = (0,)
+
+# Training throughput per method (images/s, this project on a 2-core AMD EPYC AVX-512 with the runner's nice, the
+# 5k-image budget's settings; python benchmarks/reproduce/run.py --list prints the plan from it). Sweeps: seconds.
+RATE = {'mutualnet': 250.0, 'usnet': 200.0, 'independent': 430.0}
+SWEEP_SECONDS = {'mutualnet': 150.0, 'usnet': 150.0, 'independent': 30.0}
+PILOT_EVAL_SECONDS = 20.0       # one in-training evaluation (quick BN recalibration + 10k test images)
 
 _R2_BUDGETS = (
     Budget(2, 'overfit', EPOCHS['overfit'],
-           # warm-up in epochs of this split: 0.6 x 78 steps ~ round 1's 47 warm-up steps
-           {**ROUND2_COMMON, 'train_split': 'train[:10000]', 'warmup_epochs': 0.6},
-           'a 10k-image training subset, trained until independent networks over-fit', **ROUND2_SWEEP),
-    Budget(2, 'long', EPOCHS['long'], {**ROUND2_COMMON, 'train_split': 'train'},
-           'the full training set, long enough for the independent full network to near its ceiling',
+           {**ROUND2_COMMON, 'train_split': f'train[:{OVERFIT_IMAGES}]', 'warmup_epochs': 1.2},
+           f'a {OVERFIT_IMAGES // 1000}k-image training subset, trained until the independent full network over-fits',
+           **ROUND2_SWEEP),
+    Budget(2, 'long', EPOCHS['long'], {**ROUND2_COMMON, 'train_split': 'train', 'warmup_epochs': 0.1},
+           'the full training set (optional, last): one seed of MutualNet and the independent full network',
            **ROUND2_SWEEP),
 )
-# Priorities: the core comparison (MutualNet, US-Net, independent FULL) with 2 seeds under 'overfit' first, then
-# its other seeds, then the same under 'long', then the rest of the independent grid, then the diagnostic.
-PRIORITY = {('overfit', 'core', 'first seeds'): 1, ('overfit', 'core', 'more seeds'): 2,
-            ('long', 'core', 'first seeds'): 3, ('long', 'core', 'more seeds'): 4,
-            ('overfit', 'grid', 'first seeds'): 5, ('long', 'grid', 'first seeds'): 6,
-            ('overfit', 'diagnostic', 'first seeds'): 7, ('long', 'diagnostic', 'first seeds'): 7}
 
 
 def _r2_runs(budget: Budget) -> list[Run]:
-  def run(method: str, seed: int, group: str, width: float | None = None, resolution: int | None = None,
-          diagnostic: bool = False) -> Run:
+  def run(method: str, seed: int, priority: int, width: float | None = None, resolution: int | None = None,
+          diagnostic: bool = False, extra: tuple[str, ...] = ()) -> Run:
     stem = ('mutualnet_labels' if diagnostic else
             f'independent_w{width:g}_r{resolution}' if method == 'independent' else method)
-    priority = PRIORITY[budget.name, group, 'first seeds' if seed < 2 else 'more seeds']
-    # The epochs in the folder name: changing EPOCHS starts fresh workdirs instead of resuming another schedule.
-    return Run(budget, f'round2/{budget.name}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority, width,
-               resolution, diagnostic=diagnostic)
+    # The subset and epochs in the folder name: changing them starts fresh workdirs instead of resuming another run.
+    split = budget.settings['train_split'].replace('train[:', '').rstrip(']') or 'all'
+    return Run(budget, f'round2/{budget.name}_{split}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority,
+               width, resolution, diagnostic=diagnostic, extra=extra)
 
-  core = [run(m, seed, 'core', *(FULL if m == 'independent' else ())) for seed in CORE_SEEDS
-          for m in ('mutualnet', 'usnet', 'independent')]
-  grid = [run('independent', seed, 'grid', w, r) for seed in GRID_SEEDS for w, r in INDEPENDENT_GRID if (w, r) != FULL]
-  diagnostic = [run('mutualnet', seed, 'diagnostic', diagnostic=True) for seed in DIAGNOSTIC_SEEDS]
-  return core + grid + diagnostic
+  if budget.name == 'long':
+    return [run('mutualnet', 0, 6), run('independent', 0, 6, *FULL)]
+  return [
+      # 1: the pilot (<= 1 h): the independent full network and MutualNet, seed 0, with test curves.
+      run('independent', 0, 1, *FULL, extra=PILOT_EVAL), run('mutualnet', 0, 1, extra=PILOT_EVAL),
+      # 2: claim 4 with 4 seeds.
+      *[r for seed in CORE_SEEDS[1:] for r in (run('mutualnet', seed, 2), run('independent', seed, 2, *FULL))],
+      # 3: US-Net (claims 1 and 3) with 4 seeds.
+      *[run('usnet', seed, 3) for seed in CORE_SEEDS],
+      # 4: independent networks at other configurations (claim 4b), 2 seeds.
+      *[run('independent', seed, 4, w, r) for seed in GRID_SEEDS for w, r in OTHER_INDEPENDENT],
+      # 5: context: MutualNet without in-place distillation.
+      run('mutualnet', 0, 5, diagnostic=True),
+  ]
+
+
+def estimated_seconds(run: Run) -> float:
+  """Training (images / measured rate), in-training evaluations and the sweep of one run."""
+  name = run.budget.name
+  steps = STEPS_PER_EPOCH[name] * run.budget.epochs
+  evals = steps / (2 * STEPS_PER_EPOCH[name]) if run.extra == PILOT_EVAL else 0
+  return steps * run.budget.settings['batch_size'] / RATE[run.method] + evals * PILOT_EVAL_SECONDS + SWEEP_SECONDS[run.method]
 
 
 ROUND2 = Round(
     number=2,
-    title='Round 2: uniform widths (official sampler), random-resized-crop augmentation',
+    title='Round 2: the official non-ImageNet recipe (uniform widths, decay on every parameter, pad-crop + flip)',
     budgets=_R2_BUDGETS,
     run_by_default=True,
     runs=tuple(run for budget in _R2_BUDGETS for run in _r2_runs(budget)))
