@@ -276,6 +276,7 @@ def test_run_list_is_data():
   for budget in runs_lib.ROUND2.budgets:
     runs = [r for r in runs_lib.ROUND2.runs if r.budget == budget]
     assert all(f'--config.num_epochs={budget.epochs}' in r.overrides() for r in runs)  # same schedule for all
+    assert all(len({o.split("=")[0] for o in r.overrides()}) == len(r.overrides()) for r in runs)  # each once
     assert all('--config.weight_decay_params=all' in r.overrides() for r in runs)     # the official rule
     mutualnet = next(r for r in runs if r.method == 'mutualnet')
     assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= mutualnet.sweep_configs()

@@ -250,10 +250,13 @@ def main() -> int:
                              budgets=args.budgets.split(',') if args.budgets else None,
                              max_priority=args.max_priority, only=[n for n in args.only.split(',') if n])
   if args.list:
+    total = 0.0
     for run in selected:
-      print(f'p{run.priority} {run.budget.key:<16} {run.name}: python main.py {run.config_arg()} '
-            f'{" ".join(run.overrides())}')
-    print(f'{len(selected)} runs')
+      estimate = runs_lib.estimated_seconds(run) if run.budget.round == 2 else 0.0
+      total += estimate
+      print(f'p{run.priority} {run.budget.key:<16} ~{estimate / 60:4.0f} min (total {total / 3600:4.1f} h) {run.name}: '
+            f'python main.py {run.config_arg()} {" ".join(run.overrides())}')
+    print(f'{len(selected)} runs, about {total / 3600:.1f} hours of training and sweeps at runs.RATE')
     return 0
 
   out = (REPO / args.out).resolve() if not os.path.isabs(args.out) else Path(args.out)

@@ -56,7 +56,7 @@ class Run:
   resolution: int | None = None    # independent only
   diagnostic: bool = False         # MutualNet without in-place distillation: context, not a compared method
   tag: str = ''                    # round 1: the run's label in its CSV when it was not the method's
-  extra: tuple[str, ...] = ()      # overrides that change nothing in training (e.g. the pilot's test curves)
+  extra: tuple[tuple[str, Any], ...] = ()  # settings that change nothing in training (the pilot's test curves)
 
   @property
   def series(self) -> str:
@@ -71,10 +71,9 @@ class Run:
     return 'MutualNet, no in-place KD' if self.diagnostic else LABELS[self.method]
 
   def overrides(self) -> list[str]:
-    settings = {**self.budget.settings, 'num_epochs': self.budget.epochs, 'seed': self.seed}
+    settings = {**self.budget.settings, **dict(self.extra), 'num_epochs': self.budget.epochs, 'seed': self.seed}
     out = [f'--config.{k}={v}' for k, v in settings.items()]
     out += list(DIAGNOSTIC_OVERRIDES) if self.diagnostic else []
-    out += list(self.extra)
     if self.method == 'independent':
       out += [f'--config.independent_width={self.width}', f'--config.independent_resolution={self.resolution}']
     return out
@@ -181,7 +180,7 @@ STEPS_PER_EPOCH = {'overfit': OVERFIT_IMAGES // ROUND2_COMMON['batch_size'],
                    'long': 60_000 // ROUND2_COMMON['batch_size']}
 # The pilot's in-training evaluation (test top-1 of the full network every 2 epochs): evidence of over-fitting,
 # changes nothing in training (the field is free to change on resume).
-PILOT_EVAL = (f'--config.eval_every_steps={2 * STEPS_PER_EPOCH["overfit"]}',)
+PILOT_EVAL = (('eval_every_steps', 2 * STEPS_PER_EPOCH['overfit']),)
 # MutualNet and US-Net: the widths of the old 0.25 grid plus three off it (untrained widths dipped in round 1),
 # at every resolution.
 ROUND2_SWEEP = dict(sweep_widths=(1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25), sweep_resolutions=(28, 24, 20, 16))
@@ -209,7 +208,7 @@ _R2_BUDGETS = (
 
 def _r2_runs(budget: Budget) -> list[Run]:
   def run(method: str, seed: int, priority: int, width: float | None = None, resolution: int | None = None,
-          diagnostic: bool = False, extra: tuple[str, ...] = ()) -> Run:
+          diagnostic: bool = False, extra: tuple[tuple[str, Any], ...] = ()) -> Run:
     stem = ('mutualnet_labels' if diagnostic else
             f'independent_w{width:g}_r{resolution}' if method == 'independent' else method)
     # The subset and epochs in the folder name: changing them starts fresh workdirs instead of resuming another run.
