@@ -46,7 +46,10 @@ flags.DEFINE_bool('batch_latency', False, 'sweep: also time one eval batch per c
 flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep output: for people or for scripts.')
 flags.DEFINE_list('workdirs', None, 'plot: swept workdirs to overlay, each WORKDIR or WORKDIR@RES (rows at RES only).')
 flags.DEFINE_list('labels', None, 'plot: one label per --workdirs entry; equal labels are pooled.')
-flags.DEFINE_string('out', None, 'export/plot: output path (default: inside --workdir).')
+flags.DEFINE_string('out', None, 'export/plot: output path; sweep/calibrate: directory for the table, plot and BN '
+                    'statistics (needed for a read-only workdir). Default: inside --workdir.')
+flags.DEFINE_bool('overwrite', False, 'export: replace an earlier export at the output path (nothing else is ever '
+                  'replaced: a training workdir, a file or a directory of other files is refused).')
 flags.DEFINE_bool('resume_with_changes', False, 'train: resume although settings that change the run differ from '
                   'the checkpoint\'s config.json (the changes are recorded there).')
 flags.DEFINE_string('coordinator_address', '', 'Multi-process jobs: host:port of process 0 (empty: auto-detect '
@@ -69,7 +72,7 @@ def main(argv):
       width=FLAGS.width, resolution=FLAGS.resolution, widths=parse_numbers(FLAGS.widths, float, 'widths'),
       resolutions=parse_numbers(FLAGS.resolutions, int, 'resolutions'), latency_repeats=FLAGS.latency_repeats,
       budget_mflops=FLAGS.budget_mflops, budget_ms=FLAGS.budget_ms, format=FLAGS.format, workdirs=FLAGS.workdirs,
-      labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes,
+      labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes, overwrite=FLAGS.overwrite,
       tflite_latency=FLAGS.tflite_latency, batch_latency=FLAGS.batch_latency, latency=FLAGS.latency)
   print(commands.run(FLAGS.mode, loaded_config(FLAGS.config), FLAGS.workdir, options))
 

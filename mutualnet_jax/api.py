@@ -69,17 +69,21 @@ class Run:
   def network(self, width: float, resolution: int) -> ExportedModel:
     """The sub-network at (width, resolution) with its BN statistics (from the workdir's store; calibrated and
     stored first when missing) and the run's preprocessing, so it takes raw images."""
-    with workdir_lib.lock(self.workdir, 'mutualnet_jax.api network'):  # it may write the statistics store
+    with workdir_lib.lock(self.workdir, 'mutualnet_jax.api network', post_training=True):  # it may store statistics
       return self._network(width, resolution)
 
-  def export(self, width: float, resolution: int, path: str | os.PathLike | None = None) -> epath.Path:
-    """Saves `network(width, resolution)` (default: workdir/export/w<width>_r<resolution>); `load` reads it."""
-    with workdir_lib.lock(self.workdir, 'mutualnet_jax.api export'):
+  def export(self, width: float, resolution: int, path: str | os.PathLike | None = None, *,
+             overwrite: bool = False) -> epath.Path:
+    """Saves `network(width, resolution)` (default: workdir/export/w<width>_r<resolution>); `load` reads it. An
+    earlier export at `path` is replaced only with `overwrite`; anything else there is never touched."""
+    if path is None and not workdir_lib.is_writable(self.workdir):
+      raise UserError(f'workdir {self.workdir} is read-only: pass a writable path for the export (--out=...).')
+    with workdir_lib.lock(self.workdir, 'mutualnet_jax.api export', post_training=True):
       net = self._network(width, resolution)
       run = self.trained
       source = {'workdir': os.fspath(self.workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest}
       path = path or export.default_path(self.workdir, net.width, net.resolution)
-      return export.save(net, path, self.config.model.to_dict(), source)
+      return export.save(net, path, self.config.model.to_dict(), source, overwrite=overwrite)
 
   def _network(self, width: float, resolution: int) -> ExportedModel:
     width, resolution = trained_run.check_request(self.config, width, resolution)  # before the checkpoint is read

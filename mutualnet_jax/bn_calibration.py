@@ -226,5 +226,9 @@ def get_or_calibrate(store: StatsStore, calibrator: Calibrator, params: Any, wid
   if stats is not None:
     return stats, False
   stats = calibrator.calibrate(params, width, resolution, batches(), capacity)
-  store.save(width, resolution, stats, provenance)
+  if workdir_lib.is_writable(store.directory):
+    store.save(width, resolution, stats, provenance)
+  else:  # a read-only workdir opened from Python: the statistics are used, not kept
+    logging.info('%s is read-only: BN statistics of width %g @ %d px are not stored.', store.directory, width,
+                 resolution)
   return stats, True

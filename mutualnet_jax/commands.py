@@ -34,6 +34,7 @@ class Options:
   labels: Sequence[str] | None = None
   out: str | None = None
   resume_with_changes: bool = False
+  overwrite: bool = False
   tflite_latency: bool = False
   batch_latency: bool = False
   latency: str = 'jax'
@@ -50,12 +51,15 @@ def _optional(value: Any) -> list[Any] | None:
 def train(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
   from mutualnet_jax import train as training  # noqa: PLC0415  heavy: JAX + TensorFlow
   summary = training.train_and_evaluate(config, workdir, accept_changes=options.resume_with_changes)
-  return f"Trained to step {summary['step']} of {summary['total_steps']} in {summary['wall_seconds']:.0f} s."
+  text = f"Trained to step {summary['step']} of {summary['total_steps']} in {summary['wall_seconds']:.0f} s"
+  if summary.get('stopped_by'):
+    return f"{text} (stopped by {summary['stopped_by']}; the same command resumes)."
+  return text + '.'
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
   from mutualnet_jax import sweep  # noqa: PLC0415  heavy: JAX + TensorFlow
-  r = sweep.calibrate(config, workdir, _optional(options.width), _optional(options.resolution))
+  r = sweep.calibrate(config, workdir, _optional(options.width), _optional(options.resolution), out=options.out)
   return _render(options, r, f"{r['calibrated']} configurations calibrated, {r['reused']} reused from {r['store']} "
                              f"in {r['seconds']:.1f} s ({r['compiles']} compilations).")
 
@@ -66,7 +70,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> 
     raise UserError(f'--latency_repeats must be at least 1, got {options.latency_repeats}.')
   s = sweeping.run_sweep(config, workdir, options.widths, options.resolutions,
                          latency_repeats=options.latency_repeats, batch_latency=options.batch_latency,
-                         tflite_latency=options.tflite_latency)
+                         tflite_latency=options.tflite_latency, out=options.out)
   return _render(options, s, f"{s['configurations']} configurations in {s['wall_seconds']:.0f} s "
                              f"({s['compiles']} compilations): {', '.join(s.get('table', []))}; plot {s.get('plot')}")
 
@@ -86,7 +90,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, options: Options) ->
   from mutualnet_jax import api  # noqa: PLC0415  heavy: JAX + TensorFlow
   if options.width is None or options.resolution is None:
     raise UserError('--mode=export needs --width and --resolution.')
-  return str(api.open(workdir, config).export(options.width, options.resolution, options.out))
+  return str(api.open(workdir, config).export(options.width, options.resolution, options.out,
+                                              overwrite=options.overwrite))
 
 
 def plot(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:

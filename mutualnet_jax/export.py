@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -236,20 +237,31 @@ def build(model: SlimmableModel, params: Any, stats: Any, width: float, resoluti
   return ExportedModel(model.clone(bn_groups=1), variables, width, int(resolution), channels, antialias, preprocessing)
 
 
+def is_export(path: epath.Path) -> bool:
+  """Whether `path` holds an export written by `save` (its JSON config item names an export format)."""
+  try:
+    return 'format_version' in json.loads((epath.Path(path) / 'config' / 'metadata').read_text())
+  except (OSError, ValueError, TypeError):
+    return False
+
+
 def save(exported: ExportedModel, path: str | epath.PathLike, model_config: Mapping[str, Any],
-         source: Mapping[str, Any] | None = None) -> epath.Path:
-  """Writes items 'params', 'batch_stats' and 'config' (JSON) atomically; replaces an earlier export."""
+         source: Mapping[str, Any] | None = None, *, overwrite: bool = False) -> epath.Path:
+  """Writes items 'params', 'batch_stats' and 'config' (JSON), complete before it appears at `path`. An earlier
+  export there is replaced only with `overwrite`; anything else at `path` is refused (workdir.check_output)."""
   path = workdir_lib.absolute(path)
+  workdir_lib.check_output(path, overwrite=overwrite, ours=is_export, what='export')
   preprocessing = exported.preprocessing.to_json() if exported.preprocessing else None
   config = {'format_version': FORMAT_VERSION, 'model': dict(model_config), 'width': exported.width,
             'resolution': exported.resolution, 'channels': exported.channels, 'antialias': exported.antialias,
             'preprocessing': preprocessing, 'source': dict(source or {})}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(path, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(exported.variables['params']),
-      batch_stats=ocp.args.StandardSave(exported.variables['batch_stats']),
-      config=ocp.args.JsonSave(config)), force=True)
-  return path
+
+  def write(tmp: epath.Path) -> None:
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(exported.variables['params']),
+        batch_stats=ocp.args.StandardSave(exported.variables['batch_stats']),
+        config=ocp.args.JsonSave(config)))
+  return workdir_lib.replace_with(path, write)
 
 
 def load(path: str | epath.PathLike) -> ExportedModel:

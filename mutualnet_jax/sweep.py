@@ -3,7 +3,8 @@
 For each configuration the sweep takes BN statistics from the store (calibrating the missing ones), evaluates
 top-1/top-5 on the eval split (one compiled function per bucket, sharded over all devices), reads MACs and parameters
 off the model, and times the exported fixed-width network on one device (batch 1 and the eval batch). The table goes
-to `workdir/query_table.{csv,json}` (`mutualnet_jax.query` reads and queries it).
+to `workdir/query_table.{csv,json}`, or to --out for a read-only workdir (`mutualnet_jax.query` reads and queries
+it). The sweep takes the post-training lock only: it may run while the workdir's training goes on.
 """
 from __future__ import annotations
 
@@ -33,20 +34,26 @@ SUMMARY = 'sweep_summary.json'
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
-              resolutions: Sequence[int] | None = None) -> dict[str, Any]:
-  """Fills the statistics store for the selection (default: the whole grid); reuses valid entries."""
+              resolutions: Sequence[int] | None = None, out: str | None = None) -> dict[str, Any]:
+  """Fills the statistics store (in `out`, default the workdir) for the selection (default: the whole grid);
+  reuses valid entries."""
   pairs = selection(config, widths, resolutions)
-  with _writer(workdir, 'calibrate'):
-    return _calibrate(config, workdir, pairs)
+  outputs = workdir_lib.outputs_dir(workdir, out, 'BN statistics')
+  with _writer(outputs, 'calibrate'):
+    return _calibrate(config, workdir, pairs, outputs)
 
 
-def _writer(workdir: str, what: str) -> contextlib.AbstractContextManager:
-  """The workdir's lock, held by process 0 (the one that writes the store and the table)."""
-  return workdir_lib.lock(workdir, what) if jax.process_index() == 0 else contextlib.nullcontext()
+def _writer(outputs: str, what: str) -> contextlib.AbstractContextManager:
+  """The post-training lock of where the outputs go, held by process 0 (the one that writes the store and the
+  table); a training of the same workdir goes on beside it."""
+  if jax.process_index():
+    return contextlib.nullcontext()
+  return workdir_lib.lock(outputs, what, post_training=True)
 
 
-def _calibrate(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]]) -> dict[str, Any]:
-  run = open_run(config, workdir)
+def _calibrate(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]],
+               outputs: str) -> dict[str, Any]:
+  run = open_run(config, workdir, store_dir=outputs)
   start, computed = time.perf_counter(), 0
   progress = periodic_actions.ReportProgress(num_train_steps=len(pairs), every_secs=30.0)
   with CompileCounter().counting() as counter:
@@ -140,11 +147,11 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing
 TENSORBOARD_DIR = 'sweep'  # beside training's event files: TensorBoard shows the sweep as its own run
 
 
-def write_tensorboard(rows: Sequence[Row], workdir: str, plot: epath.Path, checkpoint_step: int) -> epath.Path:
+def write_tensorboard(rows: Sequence[Row], outputs: str, plot: epath.Path, checkpoint_step: int) -> epath.Path:
   """The table in TensorBoard (clu writers): per resolution, top-1/top-5, MFLOPs and latency along the widths (step
   = width in percent); the Pareto frontier along MACs (step = kMACs) and as a text table; the Accuracy-MACs figure
   as an image at the checkpoint's step."""
-  logdir = epath.Path(workdir) / TENSORBOARD_DIR
+  logdir = epath.Path(outputs) / TENSORBOARD_DIR
   writer = metric_writers.create_default_writer(os.fspath(logdir), asynchronous=False)
   for r in rows:
     writer.write_scalars(int(round(100 * r.width)), {
@@ -160,10 +167,10 @@ def write_tensorboard(rows: Sequence[Row], workdir: str, plot: epath.Path, check
   return logdir
 
 
-def _merge_with_table(workdir: str, rows: list[Row], meta: dict[str, Any]) -> list[Row]:
+def _merge_with_table(outputs: str, rows: list[Row], meta: dict[str, Any]) -> list[Row]:
   """A partial sweep updates its own rows: earlier rows of the same weights, device and eval split are kept."""
   try:
-    old, old_meta = query.read_table(workdir)
+    old, old_meta = query.read_table(outputs)
   except UserError:
     return rows
   if any(old_meta.get(k) != meta[k] for k in ('params_digest', 'device', 'eval_images')):
@@ -174,31 +181,33 @@ def _merge_with_table(workdir: str, rows: list[Row], meta: dict[str, Any]) -> li
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
               resolutions: Sequence[int] | None = None, *, latency_repeats: int = 10,
-              batch_latency: bool = False, tflite_latency: bool = False) -> dict[str, Any]:
+              batch_latency: bool = False, tflite_latency: bool = False, out: str | None = None) -> dict[str, Any]:
   """Measures the selected configurations (default: the sweep grid), writes the query table (merged with an
-  earlier one of the same checkpoint) and its plot; returns a summary, also written to `sweep_summary.json`."""
+  earlier one of the same checkpoint), its plot and the BN statistics to `out` (default: the workdir); returns a
+  summary, also written to `sweep_summary.json`."""
   start = time.perf_counter()
   pairs = selection(config, widths, resolutions)
-  with _writer(workdir, 'sweep'):
-    return _sweep(config, workdir, pairs, Timing(latency_repeats, batch_latency, tflite_latency), start)
+  outputs = workdir_lib.outputs_dir(workdir, out, 'sweep table and BN statistics')
+  with _writer(outputs, 'sweep'):
+    return _sweep(config, workdir, pairs, Timing(latency_repeats, batch_latency, tflite_latency), start, outputs)
 
 
 def _sweep(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]], timing: Timing,
-           start: float) -> dict[str, Any]:
-  run = open_run(config, workdir)
+           start: float, outputs: str) -> dict[str, Any]:
+  run = open_run(config, workdir, store_dir=outputs)
   rows, summary = _measure(run, pairs, timing)
   summary.update(device=str(jax.local_devices()[0]), backend=jax.default_backend())
   meta = {'workdir': os.fspath(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest,
           'method': config.method, 'model': config.model.name, 'dataset': config.dataset,
           'device': summary['device'], 'backend': summary['backend'], 'eval_images': summary['eval_images']}
   if jax.process_index() == 0:
-    rows = _merge_with_table(workdir, rows, meta)
-    summary['table'] = [os.fspath(p) for p in query.write_table(rows, workdir, meta)]
-    plot = plots.accuracy_macs(rows, epath.Path(workdir) / plots.PLOT_NAME,
+    rows = _merge_with_table(outputs, rows, meta)
+    summary['table'] = [os.fspath(p) for p in query.write_table(rows, outputs, meta)]
+    plot = plots.accuracy_macs(rows, epath.Path(outputs) / plots.PLOT_NAME,
                                title=f'{config.method} {config.model.name}')
     summary['plot'] = os.fspath(plot)
-    summary['tensorboard'] = os.fspath(write_tensorboard(rows, workdir, plot, run.step))
+    summary['tensorboard'] = os.fspath(write_tensorboard(rows, outputs, plot, run.step))
   summary['wall_seconds'] = time.perf_counter() - start
   if jax.process_index() == 0:
-    (epath.Path(workdir) / SUMMARY).write_text(json.dumps(summary, indent=1))
+    (epath.Path(outputs) / SUMMARY).write_text(json.dumps(summary, indent=1))
   return summary

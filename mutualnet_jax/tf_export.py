@@ -70,13 +70,27 @@ def tf_module(exported: ExportedModel, input_size: Sequence[int] | None = None, 
   return module
 
 
+def _is_saved_model(path: epath.Path) -> bool:
+  return (path / 'saved_model.pb').exists()
+
+
+def _is_tflite(path: epath.Path) -> bool:
+  """A TFLite flatbuffer: its file identifier 'TFL3' at bytes 4-8."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read(8)[4:] == b'TFL3'
+  except OSError:
+    return False
+
+
 def save_saved_model(exported: ExportedModel, path: str | os.PathLike, input_size: Sequence[int] | None = None,
-                     platforms: Sequence[str] = ('cpu',)) -> epath.Path:
-  """A SavedModel with signature 'serving_default': images (float32 [0, 255]) -> logits."""
-  path = workdir_lib.absolute(path)
+                     platforms: Sequence[str] = ('cpu',), *, overwrite: bool = False) -> epath.Path:
+  """A SavedModel with signature 'serving_default': images (float32 [0, 255]) -> logits. An earlier SavedModel at
+  `path` is replaced only with `overwrite`; anything else there is refused."""
+  workdir_lib.check_output(path, overwrite=overwrite, ours=_is_saved_model, what='SavedModel')
   module = tf_module(exported, input_size, platforms=platforms)
-  tf.saved_model.save(module, os.fspath(path), signatures={'serving_default': module.serve})
-  return path
+  return workdir_lib.replace_with(path, lambda tmp: tf.saved_model.save(
+      module, os.fspath(tmp), signatures={'serving_default': module.serve}))
 
 
 def tflite_model(exported: ExportedModel, input_size: Sequence[int] | None = None, *, raw: bool = True) -> bytes:
@@ -87,13 +101,13 @@ def tflite_model(exported: ExportedModel, input_size: Sequence[int] | None = Non
   return converter.convert()
 
 
-def save_tflite(exported: ExportedModel, path: str | os.PathLike,
-                input_size: Sequence[int] | None = None) -> epath.Path:
-  """A .tflite file: images (float32 [0, 255]) -> logits, for the TFLite / LiteRT interpreter."""
-  path = workdir_lib.absolute(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(tflite_model(exported, input_size))
-  return path
+def save_tflite(exported: ExportedModel, path: str | os.PathLike, input_size: Sequence[int] | None = None, *,
+                overwrite: bool = False) -> epath.Path:
+  """A .tflite file: images (float32 [0, 255]) -> logits, for the TFLite / LiteRT interpreter. An earlier TFLite
+  model at `path` is replaced only with `overwrite`; anything else there is refused."""
+  workdir_lib.check_output(path, overwrite=overwrite, ours=_is_tflite, what='TFLite model')
+  model = tflite_model(exported, input_size)
+  return workdir_lib.replace_with(path, lambda tmp: tmp.write_bytes(model))
 
 
 def interpreter(model: str | os.PathLike | bytes, batch: int | None = None,
@@ -140,8 +154,10 @@ def network_tflite_latency_ms(exported: ExportedModel, batch: int = 1, *, repeat
 
 
 def convert_export(export_path: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None,
-                   input_size: Sequence[int] | None = None, platforms: Sequence[str] = ('cpu',)) -> epath.Path:
-  """An orbax export (--mode=export) as a SavedModel directory or .tflite file (default: beside it)."""
+                   input_size: Sequence[int] | None = None, platforms: Sequence[str] = ('cpu',), *,
+                   overwrite: bool = False) -> epath.Path:
+  """An orbax export (--mode=export) as a SavedModel directory or .tflite file (default: beside it); an earlier
+  one at the output path is replaced only with `overwrite`."""
   if fmt not in FORMATS:
     raise UserError(f'unknown format {fmt!r}: choose one of {FORMATS}.')
   exported = export.load(export_path)
@@ -149,8 +165,8 @@ def convert_export(export_path: str | os.PathLike, fmt: str, out: str | os.PathL
   if fmt == 'tflite':
     if tuple(platforms) != ('cpu',):
       raise UserError('TFLite models run on the CPU interpreter: leave --platforms out for --format=tflite.')
-    return save_tflite(exported, out or f'{base}.tflite', input_size)
-  return save_saved_model(exported, out or f'{base}_saved_model', input_size, platforms)
+    return save_tflite(exported, out or f'{base}.tflite', input_size, overwrite=overwrite)
+  return save_saved_model(exported, out or f'{base}_saved_model', input_size, platforms, overwrite=overwrite)
 
 
 def _define_flags() -> None:
@@ -161,6 +177,8 @@ def _define_flags() -> None:
   flags.DEFINE_list('input_size', None, 'HEIGHT,WIDTH (or one size) of the raw images the model takes (default: the '
                     "size the run's pipeline delivered).")
   flags.DEFINE_list('platforms', ['cpu'], 'saved_model: platforms it runs on (cpu, cuda, rocm, tpu).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an earlier output of the same format at the output path (nothing '
+                    'else is ever replaced).')
   flags.DEFINE_bool('latency', False, "tflite: also print the interpreter's batch-1 latency on this machine.")
   flags.mark_flags_as_required(['export'])
 
@@ -172,7 +190,8 @@ def _main(argv: Sequence[str]) -> None:
   size = parse_numbers(f.input_size, int, 'input_size')
   if size is not None and len(size) not in (1, 2):
     raise UserError(f'--input_size takes HEIGHT,WIDTH or one size, got {",".join(f.input_size)}.')
-  path = convert_export(f.export, f.format, f.out, None if size is None else (size[0], size[-1]), f.platforms)
+  path = convert_export(f.export, f.format, f.out, None if size is None else (size[0], size[-1]), f.platforms,
+                        overwrite=f.overwrite)
   print(path)
   if f.latency and f.format == 'tflite':
     print(f'{tflite_latency_ms(path):.3f} ms at batch 1 (TFLite interpreter, median)')

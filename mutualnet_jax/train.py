@@ -199,30 +199,40 @@ class Trainer:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (TPU/GCE preemption, `kill`) into 'save and stop at the next step boundary'.
+  """Turns SIGTERM (TPU/GCE preemption, `kill`) and SIGINT (Ctrl-C) into 'save and stop at the next step boundary'.
 
-  Multi-process jobs ask JAX's preemption sync service instead, so every process stops at the same step.
+  A context manager held for the whole run, from before the checkpoint manager opens until after its last save has
+  finished: a second signal at any moment (while the final save is written, say) is logged and cannot cut that save
+  short. Multi-process jobs ask JAX's preemption sync service instead, so every process stops at the same step.
   """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested: str | None = None  # the signal's name once one arrived
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> 'PreemptionGuard':
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
   def _handle(self, signum: int, frame: Any) -> None:
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping at the end of this step.')
-    self.requested = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested:
+      logging.warning('%s received again: still saving the checkpoint; the run stops once it is complete.', name)
+      return
+    logging.warning('%s received: saving a checkpoint and stopping at the end of this step.', name)
+    self.requested = name
 
   def should_stop(self, step: int, manager: Any) -> bool:
     if jax.process_count() > 1:
       return manager.reached_preemption(step)
-    return self.requested
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    return bool(self.requested)
 
 
 def mean_metrics(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -343,15 +353,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        accept_changes: bool = False) -> dict[str, Any]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates periodically, returns a summary.
 
-  The process holds the workdir's lock throughout (one writer per workdir); `accept_changes` resumes with changed
-  settings (see `_check_resume`)."""
+  The process holds the workdir's lock throughout (one writer per workdir) and turns SIGTERM/SIGINT into a save
+  and a stop (PreemptionGuard); `accept_changes` resumes with changed settings (see `_check_resume`)."""
   workdir_lib.check_writable(workdir)
   holder = workdir_lib.lock(workdir, 'training') if jax.process_index() == 0 else contextlib.nullcontext()
-  with holder:
-    return _train(config, workdir, accept_changes)
+  with holder, PreemptionGuard() as guard:
+    return _train(config, workdir, accept_changes, guard)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool) -> dict[str, Any]:
+def _train(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool,
+           guard: PreemptionGuard) -> dict[str, Any]:
   compilation.enable_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   info = input_pipeline.get_dataset_info(config)
@@ -367,14 +378,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     try:
       return _loop(config, workdir, trainer, ckpt, writer, state, start, total_steps, steps_per_epoch,
-                   after_divergence)
+                   after_divergence, guard)
     finally:
       writer.flush()
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, ckpt: checkpointing.Checkpoints,
           writer: metric_writers.MetricWriter, state: TrainState, start: int, total_steps: int,
-          steps_per_epoch: int, after_divergence: bool) -> dict[str, Any]:
+          steps_per_epoch: int, after_divergence: bool, guard: PreemptionGuard) -> dict[str, Any]:
   if start == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
   buckets = trainer.sampler.buckets()
@@ -389,51 +400,52 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, ckp
   if config.profile_steps and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                           first_profile=start + 10, every_secs=None))
-  guard = PreemptionGuard()
   batches = input_pipeline.train_iterator(config, global_batch_size=config.batch_size, start_step=start)
   history, compiled_before, interval_start, summary = [], trainer.steps.num_compiled, time.perf_counter(), {}
   run_start, images_seen = time.perf_counter(), 0
   step = last_saved = start
   end = total_steps if config.steps_per_run <= 0 else min(total_steps, start + config.steps_per_run)
-  try:
-    while step < end:
-      batch = parallel.global_batch(next(batches), trainer.mesh)
-      state, metrics = trainer.step(state, batch, step)
-      history.append(metrics)
-      step += 1
-      images_seen += config.batch_size
-      for hook in hooks:
-        hook(step)
-      stop = guard.should_stop(step, ckpt.manager)
-      log = step % config.log_every_steps == 0 or step == end or stop  # a run's last steps are logged too
-      save = step % config.checkpoint_every_steps == 0 or step == end or stop
-      if log or save:  # the divergence guard: nothing non-finite is logged as progress or saved
-        host = finite_history(history, step - len(history), last_saved, workdir,
-                              retrying=after_divergence and last_saved == start)
-      if log:
-        scalars = mean_metrics(host)
-        elapsed = time.perf_counter() - interval_start
-        scalars['learning_rate'] = float(trainer.schedule(step - 1))
-        scalars['images_per_sec'] = len(history) * config.batch_size / elapsed
-        if trainer.steps.num_compiled > compiled_before:
-          scalars['compile/buckets'] = trainer.steps.num_compiled
-          scalars['compile/seconds_total'] = sum(trainer.steps.compile_seconds.values())
-          compiled_before = trainer.steps.num_compiled
-        writer.write_scalars(step, scalars)
-        history, interval_start = [], time.perf_counter()
-      if save:
-        ckpt.save(step, state, {'step': step})
-        last_saved = step
-      if evaluate and (step % eval_every == 0 or step == total_steps):
-        summary = evaluate(state.params)
-        writer.write_scalars(step, summary)
-      if stop:
-        logging.warning('Stopped at step %d after SIGTERM; the same command resumes.', step)
-        break
-  finally:
-    guard.restore()
+  while step < end:
+    if guard.requested and step == start:  # a signal while starting up: nothing new to save
+      logging.warning('Stopped at step %d after %s, before training; the same command resumes.', step,
+                      guard.requested)
+      break
+    batch = parallel.global_batch(next(batches), trainer.mesh)
+    state, metrics = trainer.step(state, batch, step)
+    history.append(metrics)
+    step += 1
+    images_seen += config.batch_size
+    for hook in hooks:
+      hook(step)
+    stop = guard.should_stop(step, ckpt.manager)
+    log = step % config.log_every_steps == 0 or step == end or stop  # a run's last steps are logged too
+    save = step % config.checkpoint_every_steps == 0 or step == end or stop
+    if log or save:  # the divergence guard: nothing non-finite is logged as progress or saved
+      host = finite_history(history, step - len(history), last_saved, workdir,
+                            retrying=after_divergence and last_saved == start)
+    if log:
+      scalars = mean_metrics(host)
+      elapsed = time.perf_counter() - interval_start
+      scalars['learning_rate'] = float(trainer.schedule(step - 1))
+      scalars['images_per_sec'] = len(history) * config.batch_size / elapsed
+      if trainer.steps.num_compiled > compiled_before:
+        scalars['compile/buckets'] = trainer.steps.num_compiled
+        scalars['compile/seconds_total'] = sum(trainer.steps.compile_seconds.values())
+        compiled_before = trainer.steps.num_compiled
+      writer.write_scalars(step, scalars)
+      history, interval_start = [], time.perf_counter()
+    if save:
+      ckpt.save(step, state, {'step': step})
+      last_saved = step
+    if evaluate and not stop and (step % eval_every == 0 or step == total_steps):
+      summary = evaluate(state.params)
+      writer.write_scalars(step, summary)
+    if stop:
+      logging.warning('Stopped at step %d after %s; the same command resumes.', step,
+                      guard.requested or 'a preemption notice')
+      break
   summary = {**summary, 'step': step, 'total_steps': total_steps, 'wall_seconds': time.perf_counter() - run_start,
              'images_seen': images_seen, 'buckets_compiled': trainer.steps.num_compiled,
-             'compile_seconds': sum(trainer.steps.compile_seconds.values())}
+             'compile_seconds': sum(trainer.steps.compile_seconds.values()), 'stopped_by': guard.requested}
   logging.info('Summary: %s', summary)
   return summary

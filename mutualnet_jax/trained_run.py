@@ -83,6 +83,7 @@ class TrainedRun:
   channels: int
   image_size: int
   params_digest: str     # checksum of `params`: stored statistics name the exact weights they belong to
+  store_dir: str = ''    # where the BN statistics store lives ('' = the workdir; --out for a read-only workdir)
 
   def check(self, width: float, resolution: int) -> tuple[float, int]:
     return check_trained_width(self.config, width), check_resolution(resolution, self.model, self.image_size)
@@ -103,7 +104,7 @@ class TrainedRun:
 
   @functools.cached_property
   def store(self) -> bn_calibration.StatsStore:
-    return bn_calibration.StatsStore(self.workdir)
+    return bn_calibration.StatsStore(self.store_dir or self.workdir)
 
   @functools.cached_property
   def calibrator(self) -> bn_calibration.Calibrator:
@@ -131,7 +132,7 @@ class TrainedRun:
     return self.evaluator.evaluate(self.params, stats, width, resolution, batches, self.capacity(width))
 
 
-def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
+def open_run(config: ml_collections.ConfigDict, workdir: str, store_dir: str = '') -> TrainedRun:
   """Restores the newest checkpoint of `workdir` that restores (a UserError when there is none, it is of another
   model, or its parameters are not finite)."""
   workdir_lib.require_checkpoint(workdir)
@@ -150,7 +151,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
                     'diverged before it was saved): retrain with a lower learning rate in a fresh --workdir.')
   return TrainedRun(config=config, workdir=workdir, mesh=mesh, model=get_model(config.model), params=state.params,
                     step=int(step), channels=info.channels, image_size=input_size(config),
-                    params_digest=tree_digest(state.params))
+                    params_digest=tree_digest(state.params), store_dir=store_dir)
 
 
 def sweep_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:

@@ -4,7 +4,8 @@
   workdir/checkpoints/<step>/   orbax checkpoints (mutualnet_jax.checkpointing); damaged ones are moved to
   workdir/damaged_checkpoints/  (never deleted)
   workdir/config.json           the training config, plus the history of accepted changes on resume
-  workdir/.lock                 held by the one process writing the workdir (training, calibrate, sweep, export)
+  workdir/.lock                 held by the one process training in the workdir (or converting into it)
+  workdir/.post_training.lock   held by the one post-training writer (calibrate, sweep, export), beside training
   workdir/bn_stats/             BN statistics per (width, resolution) (mutualnet_jax.bn_calibration)
   workdir/query_table.{csv,json}, accuracy_macs.png, sweep_summary.json   the sweep (mutualnet_jax.sweep)
 """
@@ -15,8 +16,9 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ml_collections
 from etils import epath
@@ -27,6 +29,7 @@ CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'damaged_checkpoints'
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
+POST_TRAINING_LOCK_FILE = '.post_training.lock'  # post-training writers exclude each other, not training
 HISTORY_KEY = 'resume_history'  # in config.json, beside the config: what changed when, accepted on resume
 DIVERGED_KEY = 'diverged'       # in config.json: the step a run stopped at with a non-finite loss
 
@@ -55,6 +58,49 @@ def check_writable(workdir: str) -> None:
     probe.unlink()
   except OSError as e:
     raise UserError(f'workdir {workdir} is not writable ({e.strerror or e}): pass a writable --workdir.') from e
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+  """A directory a training run wrote (its checkpoints or config.json): never an output path to replace."""
+  path = epath.Path(path)
+  return path.is_dir() and ((path / CHECKPOINT_DIR).exists() or (path / CONFIG_FILE).exists())
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool, ours: Callable[[epath.Path], bool], what: str) -> None:
+  """A UserError unless `path` is free for `what`: absent, an empty directory, or (with `overwrite`) an earlier
+  output of the same kind (`ours`). A training workdir, a regular file or a directory with other files is never
+  replaced, with or without `overwrite`: nothing a user had is removed."""
+  path = epath.Path(path)
+  if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    return
+  a_what = f'{"an" if what[0].lower() in "aeiou" else "a"} {what}'
+  if path.is_dir() and is_training_workdir(path):
+    raise UserError(f'{path} is a training workdir: write the {what} elsewhere (--out=...); it is never replaced.')
+  if not ours(path):
+    raise UserError(f'{path} already exists and is not {a_what}: choose another --out (nothing was removed).')
+  if not overwrite:
+    raise UserError(f'{path} already holds {a_what}: pass --overwrite to replace it, or choose another --out.')
+
+
+def replace_with(path: str | os.PathLike, write: Callable[[epath.Path], Any]) -> epath.Path:
+  """Writes an output through `write(temporary sibling)`, then moves it to `path`, replacing an earlier output
+  there only once the new one is complete (`check_output` decided that it may be replaced)."""
+  path = absolute(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+  old = path.parent / f'.{path.name}.old-{os.getpid()}'
+  try:
+    write(tmp)
+    if path.exists():
+      path.rename(old)
+    tmp.rename(path)
+  finally:
+    for leftover in (tmp, old):
+      if leftover.is_dir():
+        shutil.rmtree(leftover)
+      elif leftover.exists():
+        leftover.unlink()
+  return path
 
 
 def _tuples(value: Any) -> Any:
@@ -157,17 +203,31 @@ def _jsonable(value: Any) -> Any:
   return list(value) if isinstance(value, tuple) else value
 
 
+def is_writable(directory: str | os.PathLike) -> bool:
+  """Whether files can be created in `directory` (an absent one: in its nearest existing parent)."""
+  path = os.path.abspath(os.fspath(directory))
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return os.access(path, os.W_OK | os.X_OK)
+
+
 @contextlib.contextmanager
-def lock(workdir: str, what: str) -> Iterator[None]:
-  """Makes this process the one writer of `workdir` for the duration (an exclusive `flock` on workdir/.lock, which
-  the kernel releases when the process dies, so a killed writer never leaves a stale lock). A second writer gets a
-  one-line UserError naming the holder. Remote paths (gs://) and file systems without locks are not locked."""
-  path = epath.Path(workdir) / LOCK_FILE
-  if '://' in os.fspath(workdir):
+def lock(workdir: str, what: str, *, post_training: bool = False) -> Iterator[None]:
+  """Makes this process the one writer of its kind in `workdir` for the duration: training (workdir/.lock) or,
+  with `post_training`, calibration, sweep and export (workdir/.post_training.lock), which write other files and
+  so run beside a training. An exclusive `flock`, released by the kernel when the process dies, so a killed writer
+  never leaves a stale lock; a second writer gets a one-line UserError naming the holder. Remote paths (gs://),
+  file systems without locks and read-only workdirs (where nobody writes) are not locked."""
+  path = epath.Path(workdir) / (POST_TRAINING_LOCK_FILE if post_training else LOCK_FILE)
+  if '://' in os.fspath(workdir) or not is_writable(workdir):
     yield
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError:
+    yield  # a lock file that cannot be created (read-only, foreign owner): nothing is locked
+    return
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -188,3 +248,15 @@ def lock(workdir: str, what: str) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_UN)
   finally:
     os.close(fd)
+
+
+def outputs_dir(workdir: str, out: str | None, what: str) -> str:
+  """Where a post-training command writes (its table, plot, BN statistics): `out` when given, else the workdir; a
+  one-line UserError when that place is not writable (a read-only workdir needs --out)."""
+  target = out or workdir
+  if '://' in os.fspath(target) or is_writable(target):
+    return target
+  if out:
+    raise UserError(f'--out={out} is not writable: pass a writable directory for the {what}.')
+  raise UserError(f'workdir {workdir} is read-only: pass --out=DIR, a writable directory for the {what} (the '
+                  'workdir is only read).')

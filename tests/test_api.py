@@ -124,7 +124,7 @@ def test_mistakes_are_one_line_errors(workdir, tmp_path):
     net(np.zeros((2, 28, 28, 1), bool))
   with pytest.raises(UserError, match=r'k must be an integer in \[1, 10\]'):
     net.top_k(np.zeros((2, 28, 28, 1), np.uint8), k=11)
-  with wd.lock(workdir, 'a sweep'), pytest.raises(UserError, match=f'workdir {workdir} is in use by a sweep'):
+  with wd.lock(workdir, 'a sweep', post_training=True), pytest.raises(UserError, match=f'workdir {workdir} is in use by a sweep'):
     run.export(0.25, 8)  # a writer of the workdir, like --mode=export
   unswept = tmp_path / 'unswept'
   unswept.mkdir()

@@ -161,16 +161,6 @@ def test_two_trainers_on_one_workdir_one_refused_in_one_line(fashion_data_dir, t
   assert again.returncode == 0 and 'Resumed from step 6.' in again.stderr, again.stderr[-3000:]
 
 
-def test_post_training_writers_take_the_lock_and_query_needs_none(fashion_data_dir, tmp_path):
-  config = run_config(fashion_data_dir, num_train_steps=1)
-  train.train_and_evaluate(config, str(tmp_path))
-  with wd.lock(str(tmp_path), 'training'):
-    with pytest.raises(UserError, match='is in use by training'):
-      commands.run('calibrate', None, str(tmp_path), commands.Options(width=1.0, resolution=16))
-    with pytest.raises(UserError, match='no query_table.json'):  # readers are not blocked
-      commands.run('query', None, str(tmp_path), commands.Options())
-
-
 @pytest.mark.parametrize('args,fragment', [
     (['--config.resolutions=(16,8)', '--config.resolutions=(12,)'], '--config.resolutions is given twice'),
     (['--config.keep_checkpoints=0'], 'config.keep_checkpoints=0 is invalid'),
