@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mutualnet_jax import export, input_pipeline, query, trained_run, workdir as workdir_lib
+from mutualnet_jax import checkpointing, export, input_pipeline, query, trained_run, workdir as workdir_lib
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.export import ExportedModel, TopK, load
 from mutualnet_jax.preprocess import input_size
@@ -110,5 +110,5 @@ def open(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = 
   workdir = os.fspath(workdir)
   if not os.path.isdir(workdir) and '://' not in workdir:
     raise UserError(f'workdir {workdir} does not exist: pass the --workdir of a trained run.')
-  return Run(workdir, workdir_lib.saved_config(workdir) if config is None else config)
+  return Run(workdir, checkpointing.training_config(workdir) if config is None else config)
 

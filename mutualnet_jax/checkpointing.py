@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mutualnet_jax import workdir as workdir_lib
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.workdir import CHECKPOINT_DIR, DAMAGED_DIR, absolute
 
@@ -128,3 +129,37 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config that the newest readable checkpoint of `workdir` recorded (checkpoints keep it in their metadata),
+  or None: what decides resume refusals and post-training settings when config.json is gone or damaged."""
+  directory = absolute(workdir) / CHECKPOINT_DIR
+  if not directory.exists():
+    return None
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      except Exception:  # noqa: BLE001  a damaged checkpoint: the one before may still hold the record
+        continue
+      if isinstance(meta.get('config'), dict):
+        return workdir_lib.config_from_record(meta['config'])
+  finally:
+    manager.close()
+  return None
+
+
+def training_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with: its config.json, or when that is gone or damaged the record of its
+  newest checkpoint (with a warning); a one-line UserError when neither exists."""
+  try:
+    return workdir_lib.saved_config(workdir)
+  except UserError as e:
+    recorded = recorded_config(workdir)
+    if recorded is None:
+      raise
+    logging.warning('%s; using the settings its newest checkpoint recorded instead.', e)
+    return recorded

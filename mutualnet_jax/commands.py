@@ -110,10 +110,18 @@ def run(mode: str, config: ml_collections.ConfigDict | None, workdir: str, optio
     raise UserError(f'unknown mode {mode!r}: choose one of {MODES}.')
   if config is None and mode == 'train':
     raise UserError('--mode=train needs --config, e.g. --config=configs/default.py.')
-  if config is None and mode in _NEEDS_CONFIG:
+  from_workdir = config is None and mode in _NEEDS_CONFIG
+  if from_workdir:
     workdir_lib.require_checkpoint(workdir)  # the first thing missing from an untrained workdir
-    config = workdir_lib.saved_config(workdir)
+    from mutualnet_jax import checkpointing  # noqa: PLC0415  heavy (orbax): query and plot must not load it
+    config = checkpointing.training_config(workdir)
   if config is not None and mode in ('train',) + _NEEDS_CONFIG:
     from mutualnet_jax import config_check  # noqa: PLC0415  heavy (JAX): query and plot must not load it
-    config_check.check(config)
+    try:
+      config_check.check(config)
+    except UserError as e:
+      if from_workdir:
+        raise UserError(f'{workdir}/{workdir_lib.CONFIG_FILE}: {e} (fix the file, or pass --config: the config '
+                        'the run was trained with)') from None
+      raise
   return _FUNCTIONS[mode](config, workdir, options)

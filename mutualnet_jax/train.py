@@ -304,14 +304,18 @@ class InTrainingEval:
     return out
 
 
-def _check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, accept_changes: bool) -> bool:
+def _check_resume(config: ml_collections.ConfigDict, workdir: str, step: int, accept_changes: bool,
+                  recorded: dict[str, Any] | None = None) -> bool:
   """Resuming must continue the same run: a changed setting that would alter the data order, the schedule or the
   sampled sub-networks is refused unless `accept_changes` (then recorded in config.json's history). After a
   divergence, the optimiser settings may change without it (that is the fix); returns whether it did."""
+  damaged = workdir_lib.set_aside_damaged_config(workdir) if jax.process_index() == 0 else None
+  if damaged:
+    logging.warning('config.json was damaged: moved to %s; the checkpoint\'s record of its settings decides.', damaged)
   try:
     saved = workdir_lib.saved_config(workdir)
-  except UserError:
-    saved = None  # a checkpoint without config.json (copied by hand): nothing to compare against
+  except UserError:  # config.json gone or damaged: the checkpoint's own record (absent in old checkpoints)
+    saved = workdir_lib.config_from_record(recorded) if isinstance(recorded, dict) else None
   changes = workdir_lib.config_changes(saved, config) if saved is not None else {}
   diverged = workdir_lib.bookkeeping(workdir).get(workdir_lib.DIVERGED_KEY)
   blocking = {k: v for k, v in changes.items() if not (diverged and k in workdir_lib.OPTIMISER_FIELDS)}
@@ -341,7 +345,7 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: str, trainer: Tra
       workdir_lib.save_config(config, workdir, **{workdir_lib.HISTORY_KEY: None, workdir_lib.DIVERGED_KEY: None})
     return init_from.initial_state(config, trainer.init_state(config.seed), trainer.tx, trainer.mesh), 0, False
   step, state, meta = restored
-  after_divergence = _check_resume(config, workdir, step, accept_changes)
+  after_divergence = _check_resume(config, workdir, step, accept_changes, meta.get('config'))
   if 'sampler' in meta:
     logging.warning('The checkpoint at step %d kept the old stateful sampler; sub-networks are drawn from '
                     '(seed, step) from now on (the data order is unchanged).', step)
@@ -404,6 +408,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, ckp
   history, compiled_before, interval_start, summary = [], trainer.steps.num_compiled, time.perf_counter(), {}
   run_start, images_seen = time.perf_counter(), 0
   step = last_saved = start
+  record = workdir_lib.config_record(config)  # every checkpoint keeps its run's settings (config.json may be lost)
   end = total_steps if config.steps_per_run <= 0 else min(total_steps, start + config.steps_per_run)
   while step < end:
     if guard.requested and step == start:  # a signal while starting up: nothing new to save
@@ -435,7 +440,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, ckp
       writer.write_scalars(step, scalars)
       history, interval_start = [], time.perf_counter()
     if save:
-      ckpt.save(step, state, {'step': step})
+      ckpt.save(step, state, {'step': step, 'config': record})
       last_saved = step
     if evaluate and not stop and (step % eval_every == 0 or step == total_steps):
       summary = evaluate(state.params)

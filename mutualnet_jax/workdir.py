@@ -111,19 +111,48 @@ def _tuples(value: Any) -> Any:
 
 
 def _read_json(workdir: str) -> dict[str, Any] | None:
+  """config.json's contents (None when absent); a one-line UserError when it is unreadable or not a settings
+  object (a list, a string where the model's settings belong)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
   except (OSError, ValueError) as e:
-    raise UserError(f'{path} is unreadable ({e}): pass --config (the config the run was trained with).') from None
+    raise UserError(f'{path} is unreadable ({" ".join(str(e).split())}): pass --config (the config the run was '
+                    'trained with).') from None
+  if not isinstance(data, dict) or not isinstance(data.get('model', {}), dict):
+    raise UserError(f'{path} is damaged (not a JSON object of settings): pass --config (the config the run was '
+                    'trained with).')
+  return data
+
+
+def set_aside_damaged_config(workdir: str) -> epath.Path | None:
+  """Moves an unreadable or damaged config.json to config.json.damaged-<time> (kept, never deleted) so that a
+  resume can write a sound one; returns where it went, None when config.json is absent or sound."""
+  try:
+    _read_json(workdir)
+    return None
+  except UserError:
+    path = epath.Path(workdir) / CONFIG_FILE
+    target = path.parent / f'{CONFIG_FILE}.damaged-{datetime.datetime.now():%Y%m%dT%H%M%S}'
+    path.rename(target)
+    return target
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as JSON types: what config.json holds, and what every checkpoint records of its run."""
+  return json.loads(config.to_json(sort_keys=True))
+
+
+def config_from_record(data: dict[str, Any]) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(_tuples({k: v for k, v in data.items() if k not in (HISTORY_KEY, DIVERGED_KEY)}))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, **extra: Any) -> None:
   """Writes the training config next to the checkpoints (post-training modes then need only --workdir), keeping
   the resume history and any `extra` bookkeeping entries (None removes one); replaced atomically."""
-  data = json.loads(config.to_json(sort_keys=True))
+  data = config_record(config)
   old = _read_json(workdir) or {}
   for key in (HISTORY_KEY, DIVERGED_KEY):
     if key in old:
@@ -142,7 +171,7 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
   if data is None:
     raise UserError(f'{epath.Path(workdir) / CONFIG_FILE} not found: pass --config (the config the run was trained '
                     'with), or the --workdir of a run trained by main.py.')
-  return ml_collections.ConfigDict(_tuples({k: v for k, v in data.items() if k not in (HISTORY_KEY, DIVERGED_KEY)}))
+  return config_from_record(data)
 
 
 def bookkeeping(workdir: str) -> dict[str, Any]:

@@ -6,9 +6,12 @@
 - Post-training writers (calibrate, sweep, export, the API's network) run beside a training of the same workdir;
   two of them exclude each other in one line.
 - A read-only workdir is only read: the sweep asks for --out in one line, and with it writes only there.
+- config.json gone or damaged: the checkpoint's own record of its settings decides what a resume may change; a
+  damaged file is set aside (kept), never silently trusted; a wrong-shaped one is one line naming the file.
 - SIGTERM or SIGINT, once or several times in a row, leave the checkpoint of the step they stopped at complete, and
   the same command resumes from it.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -167,6 +170,62 @@ def test_a_read_only_workdir_is_only_read(trained, tmp_path, monkeypatch):
     mutualnet_jax.open(workdir).export(1.0, 16)
   assert mutualnet_jax.open(workdir).network(1.0, 16)(np.zeros((1, 28, 28, 1), np.uint8)).shape == (1, 10)
   assert _snapshot(workdir) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json damage.
+
+@pytest.fixture
+def resumable(fashion_data_dir, tmp_path):
+  config = run_config(fashion_data_dir, num_train_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  return config, tmp_path
+
+
+@pytest.mark.slow
+def test_without_config_json_the_checkpoint_decides_what_a_resume_may_change(resumable):
+  config, workdir = resumable
+  (workdir / 'config.json').unlink()
+  changed = config.copy_and_resolve_references()
+  changed.learning_rate, changed.num_train_steps = 0.5, 4
+  with pytest.raises(UserError, match=r'with changed settings \(learning_rate 0.05 -> 0.5, num_train_steps 2 -> 4'):
+    train.train_and_evaluate(changed, str(workdir))
+  assert train.train_and_evaluate(changed, str(workdir), accept_changes=True)['step'] == 4
+  history = wd.bookkeeping(str(workdir))[wd.HISTORY_KEY]
+  assert history[-1]['changes']['learning_rate'] == [0.05, 0.5]
+
+
+@pytest.mark.slow
+def test_a_truncated_config_json_is_set_aside_and_the_run_resumes_with_its_config(resumable):
+  config, workdir = resumable
+  text = (workdir / 'config.json').read_text()
+  (workdir / 'config.json').write_text(text[:len(text) // 2])
+  longer = config.copy_and_resolve_references()
+  longer.num_train_steps = 3
+  with pytest.raises(UserError, match='num_train_steps 2 -> 3'):  # judged against the checkpoint's record
+    train.train_and_evaluate(longer, str(workdir))
+  (damaged,) = [p for p in os.listdir(workdir) if p.startswith('config.json.damaged-')]
+  assert (workdir / damaged).read_text() == text[:len(text) // 2]  # kept as it was
+  assert train.train_and_evaluate(config, str(workdir))['step'] == 2  # the same settings resume (nothing to do)
+  assert wd.saved_config(str(workdir)).learning_rate == config.learning_rate
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('content, fragment', [
+    ('[1, 2]', r'is damaged \(not a JSON object of settings\)'),
+    ('{"model": "mobilenet"}', r'is damaged \(not a JSON object of settings\)'),
+])
+def test_a_wrong_shaped_config_json_falls_back_to_the_checkpoint_or_is_one_line(resumable, content, fragment):
+  config, workdir = resumable
+  (workdir / 'config.json').write_text(content)
+  with pytest.raises(UserError, match=fragment):
+    wd.saved_config(str(workdir))
+  result = commands.run('calibrate', None, str(workdir), commands.Options(width=1.0, resolution=16, format='json'))
+  assert '"configurations": 1' in result  # the checkpoint's record of the settings
+  (workdir / 'config.json').write_text(json.dumps({**wd.config_record(config), 'batch_size': '16'}))
+  with pytest.raises(UserError, match=r'config.json: .*batch_size.*fix the file, or pass --config') as error:
+    commands.run('calibrate', None, str(workdir), commands.Options(width=1.0, resolution=16))
+  assert '\n' not in str(error.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
