@@ -2,7 +2,9 @@
 restarted job resumes exactly where it stopped and refuses a checkpoint of a different model."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 from typing import Any
 
 import jax
@@ -100,8 +102,27 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     meta = {**meta, 'fingerprint': self.expected}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # the previous asynchronous save's failure surfaces here, wrapped by orbax
+      self._raise_if_disk_full(e)
+      raise
+
+  def _raise_if_disk_full(self, error: BaseException) -> None:
+    """A full disk (or quota) as one line saying which checkpoint is safe and what to do."""
+    cause = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None and 'No space left on device' not in str(error):
+      return
+    with contextlib.suppress(Exception):  # an earlier save may still be finishing: it is what resuming starts from
+      self.manager.wait_until_finished()
+    self.manager.reload()
+    last = self.manager.latest_step()
+    kept = f'the checkpoint of step {last} is complete' if last is not None else 'no checkpoint was completed'
+    raise UserError(f'disk full while saving a checkpoint under {self.directory}: {kept}; free some space, then run '
+                    'the same command to resume.') from error
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """State and metadata of `step`; a clear error for a different model or an unreadable checkpoint."""
@@ -127,8 +148,13 @@ class Checkpoints:
     return restored['state'], meta
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # the last asynchronous save failed
+      self._raise_if_disk_full(e)
+      raise
+    finally:
+      self.manager.close()
 
 
 def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:

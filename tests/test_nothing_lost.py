@@ -11,6 +11,7 @@
 - SIGTERM or SIGINT, once or several times in a row, leave the checkpoint of the step they stopped at complete, and
   the same command resumes from it.
 """
+import errno
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 import mutualnet_jax
-from mutualnet_jax import commands, export, tf_export, train, workdir as wd
+from mutualnet_jax import checkpointing, commands, export, tf_export, train, workdir as wd
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
 from tests.test_main import ROOT, _main, _tiny_overrides, run_config
@@ -226,6 +227,25 @@ def test_a_wrong_shaped_config_json_falls_back_to_the_checkpoint_or_is_one_line(
   with pytest.raises(UserError, match=r'config.json: .*batch_size.*fix the file, or pass --config') as error:
     commands.run('calibrate', None, str(workdir), commands.Options(width=1.0, resolution=16))
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(fashion_data_dir, tmp_path,
+                                                                              monkeypatch):
+  config = run_config(fashion_data_dir, num_train_steps=4, checkpoint_every_steps=2)
+  save = checkpointing.ocp.CheckpointManager.save
+
+  def full_after_step_two(self, step, *args, **kwargs):
+    if step > 2:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return save(self, step, *args, **kwargs)
+  with monkeypatch.context() as m:
+    m.setattr(checkpointing.ocp.CheckpointManager, 'save', full_after_step_two)
+    with pytest.raises(UserError, match='disk full while saving a checkpoint .*the checkpoint of step 2 is complete; '
+                                        'free some space, then run the same command') as error:
+      train.train_and_evaluate(config, str(tmp_path))
+  assert '\n' not in str(error.value)
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
