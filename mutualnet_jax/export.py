@@ -184,13 +184,18 @@ class ExportedModel:
 
   def predict(self, images: Any) -> jax.Array:
     """Logits for a (B, H, W, C) batch normalised like the training pipeline; resized to the resolution if needed."""
-    images = jnp.asarray(images, jnp.float32)
+    images = _numeric(images, 'normalised images (floats)')
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise UserError(f'expected images shaped (batch, height, width, {self.channels}), got {images.shape}.')
-    return self._predict(self.variables, images)
+    return self._predict(self.variables, _finite(images.astype(jnp.float32)))
 
   def __call__(self, images: Any) -> jax.Array:
-    """Logits of raw images: uint8 or float in [0, 255], (B, H, W, C) or one (H, W, C) image, any H and W."""
+    """Logits of raw images: uint8 or float in [0, 255], (B, H, W, C) or one (H, W, C) image, any H and W.
+
+    Float pixels are refused when some are NaN or infinite (every logit would be NaN), and when all of them lie in
+    [0, 1] with one above 0: in [0, 255] units such input is all but black, so it is almost surely scaled to [0, 1]
+    and would silently mis-predict (multiply it by 255). The check is over the whole call, so a dark image batched
+    with others runs; so do all-zero images, float images with any pixel above 1 and integer images."""
     batch, single = self._raw_batch(images)
     logits = self._logits(self.variables, batch)
     return logits[0] if single else logits
@@ -218,15 +223,39 @@ class ExportedModel:
   def _raw_batch(self, images: Any) -> tuple[jax.Array, bool]:
     """Raw images as a float32 (B, H, W, C) batch, and whether one unbatched image was given."""
     self.require_preprocessing()
-    images = jnp.asarray(images)
-    if images.dtype == jnp.bool_ or not (jnp.issubdtype(images.dtype, jnp.integer)
-                                         or jnp.issubdtype(images.dtype, jnp.floating)):
-      raise UserError(f'expected pixel values (uint8, or floats in [0, 255]), got dtype {images.dtype}.')
+    images = _numeric(images, 'pixel values (uint8, or floats in [0, 255])')
     if images.ndim not in (3, 4) or images.shape[-1] != self.channels:
       raise UserError(f'expected images shaped (batch, height, width, {self.channels}) or (height, width, '
                       f'{self.channels}), got {images.shape}: channels last (add one with images[..., None]).')
     single = images.ndim == 3
+    if jnp.issubdtype(images.dtype, jnp.floating) and images.size:
+      peak = float(jnp.max(_finite(images)))
+      if 0.0 < peak <= 1.0:
+        raise UserError(f'the images are floats in [0, 1] (largest pixel {peak:g}), but raw pixels are in [0, 255]: '
+                        'multiply them by 255 (or pass uint8 images).')
     return (images[None] if single else images).astype(jnp.float32), single
+
+
+def _numeric(images: Any, expected: str) -> jax.Array:
+  """`images` as a JAX array of numbers, or a UserError naming `expected` (strings, objects and ragged lists would
+  otherwise fail inside JAX with a TypeError about dtypes)."""
+  try:
+    array = images if isinstance(images, jax.Array) else np.asarray(images)
+  except ValueError:  # a ragged nested list
+    raise UserError(f'expected an array of {expected}, got a ragged {type(images).__name__}.') from None
+  if array.dtype == np.bool_ or not (jnp.issubdtype(array.dtype, jnp.integer)
+                                     or jnp.issubdtype(array.dtype, jnp.floating)):
+    raise UserError(f'expected {expected}, got dtype {array.dtype}.')
+  return jnp.asarray(array)
+
+
+def _finite(images: jax.Array) -> jax.Array:
+  """`images`, or a UserError when some pixels are NaN or infinite (every logit would be NaN)."""
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    bad = int(jnp.size(images) - jnp.count_nonzero(jnp.isfinite(images)))
+    if bad:
+      raise UserError(f'{bad} of {images.size} pixel values are NaN or infinite: fix or drop those images.')
+  return images
 
 
 def build(model: SlimmableModel, params: Any, stats: Any, width: float, resolution: int, channels: int,

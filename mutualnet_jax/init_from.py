@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
+import zlib
 from typing import Any, Mapping
 
 import jax
@@ -158,14 +160,25 @@ def save_params(path: str | os.PathLike, params: Any, model_config: Mapping[str,
 
 
 def _from_file(path: epath.Path) -> Source:
+  """A parameter file's arrays; anything else (truncated, random bytes, a lone .npy, pickled objects) is one
+  UserError, not numpy's message, which for a file without the .npy/.npz magic is about allow_pickle."""
   try:
-    with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
-      arrays = {k: np.asarray(data[k]) for k in data.files}
-  except (OSError, ValueError) as e:
-    raise UserError(f'init_from={path} is not a readable .npz parameter file ({e}): write one with '
+    with path.open('rb') as f:
+      data = np.load(f, allow_pickle=False)
+      if not isinstance(data, np.lib.npyio.NpzFile):  # a lone .npy array
+        raise ValueError('not an archive of named arrays')  # noqa: TRY004  reported below, as unreadable
+      with data:
+        arrays = {k: np.asarray(data[k]) for k in data.files}
+      model = arrays.pop(MODEL_KEY, None)
+      model_config = None if model is None else json.loads(str(model))
+  except OSError as e:  # unreadable: permissions, a directory, I/O
+    raise UserError(f'config.init_from={path} cannot be read ({e.strerror or e}): fix its permissions or pass '
+                    'another source.') from None
+  except (ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+    raise UserError(f'config.init_from={path} is not a readable .npz parameter file (truncated, damaged or another '
+                    'format): init_from takes a training workdir, an export (--mode=export) or a .npz written by '
                     'mutualnet_jax.init_from.save_params.') from None
-  model = arrays.pop(MODEL_KEY, None)
-  return Source(arrays, None if model is None else get_model(json.loads(str(model))), False, f'parameter file {path}')
+  return Source(arrays, None if model_config is None else get_model(model_config), False, f'parameter file {path}')
 
 
 def _from_workdir(path: epath.Path) -> Source:

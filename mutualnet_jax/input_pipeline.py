@@ -8,6 +8,7 @@ and a restarted job trains on exactly the data it would have trained on without 
 import dataclasses
 import math
 import os
+import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -98,9 +99,22 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
     raise UserError(f'Dataset {config.dataset!r} is not prepared in {root}: prepare it with `tfds build '
                     f'{config.dataset} --data_dir={root}` on a machine with network (or with its manual files), '
                     'or set --config.data_dir to where it is.')
+  _check_writable(root, config)
   manual_dir = local.check_raw_dir(local.raw_dir(config.manual_dir))
   download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
   builder.download_and_prepare(download_config=download_config)
+
+
+def _check_writable(root: str, config: ml_collections.ConfigDict) -> None:
+  """A UserError when the prepared dataset cannot be written under `root` (TFDS would fail deep in its download
+  manager; e.g. a read-only HOME with data_dir '', which means ~/tensorflow_datasets)."""
+  try:
+    os.makedirs(root, exist_ok=True)
+    tempfile.TemporaryFile(dir=root).close()
+  except OSError as e:
+    where = f'config.data_dir={config.data_dir!r}' if config.data_dir else f'the TFDS default data directory {root}'
+    raise UserError(f'{where} is not writable ({e.strerror or e}), and {config.dataset} is prepared there on first '
+                    'use: pass --config.data_dir=<a writable directory>.') from None
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:

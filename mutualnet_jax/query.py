@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Sequence
 
+from absl import logging
 from etils import epath
 
 from mutualnet_jax.errors import UserError
@@ -41,6 +43,8 @@ _OPTIONAL = {f.name for f in dataclasses.fields(Row) if f.default is None}
 
 def _row(values: dict[str, Any]) -> Row:
   """A Row from JSON/CSV values; optional columns may be missing (older tables) or empty."""
+  if not isinstance(values, dict):
+    raise TypeError(f'a row is {type(values).__name__}, not an object')
   types = {f.name: f.type for f in dataclasses.fields(Row)}
   convert = {'float': float, 'int': int, 'float | None': float}
   return Row(**{k: None if k in _OPTIONAL and values.get(k) in (None, '', 'None') else convert[types[k]](values[k])
@@ -69,6 +73,14 @@ def _write_atomically(path: epath.Path, text: str) -> None:
   tmp.replace(path)
 
 
+_DAMAGED = (OSError, ValueError, KeyError, TypeError, csv.Error)  # what a damaged or hand-broken table raises
+
+
+def _damaged(path: str | os.PathLike, error: Exception) -> UserError:
+  detail = ' '.join(f'{type(error).__name__}: {error}'.split())
+  return UserError(f'{path} is not a readable query table (damaged: {detail}): run --mode=sweep again.')
+
+
 def read_table(workdir: str) -> tuple[list[Row], dict[str, Any]]:
   """Rows and metadata of a workdir's table; a UserError when it was never swept or the file is damaged."""
   path = epath.Path(workdir) / f'{TABLE}.json'
@@ -76,26 +88,42 @@ def read_table(workdir: str) -> tuple[list[Row], dict[str, Any]]:
     raise UserError(f'no {path.name} in {workdir}: run --mode=sweep on this workdir first.')
   try:
     data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data['rows'], list) or not isinstance(data.get('meta', {}), dict):
+      raise TypeError('expected {"meta": {...}, "rows": [...]}')
     rows = [_row(r) for r in data['rows']]
-  except (ValueError, KeyError, TypeError) as e:
-    raise UserError(f'{path} is damaged ({type(e).__name__}: {e}): run --mode=sweep again.') from e
-  return rows, data.get('meta', {})
+  except _DAMAGED as e:
+    raise _damaged(path, e) from None
+  return _report_unscored(path, rows), data.get('meta', {})
 
 
 def read_csv(path: str) -> list[Row]:
   """Rows of a `query_table.csv` (for tables edited or made by hand); a UserError when missing or malformed."""
   try:
     with open(path, newline='') as f:
-      return [_row(r) for r in csv.DictReader(f)]
+      return _report_unscored(path, [_row(r) for r in csv.DictReader(f)])
   except FileNotFoundError:
     raise UserError(f'{path} not found: pass the query_table.csv that --mode=sweep wrote.') from None
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f'{path} is not a readable query table ({type(e).__name__}: {e}): run --mode=sweep again.'
-                    ) from None
+  except _DAMAGED as e:
+    raise _damaged(path, e) from None
+
+
+def _report_unscored(path: str | os.PathLike, rows: list[Row]) -> list[Row]:
+  """`rows`, with a warning when some have no top-1 accuracy (queries and frontiers leave those out)."""
+  missing = len(rows) - len(scored(rows))
+  if missing:
+    logging.warning('%s: %d of %d rows have no top-1 accuracy (NaN or infinite); queries and Pareto frontiers leave '
+                    'them out.', path, missing, len(rows))
+  return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Queries.
+
+def scored(rows: Sequence[Row]) -> list[Row]:
+  """The rows with a finite top-1 accuracy. A NaN one (a diverged network, an evaluation that failed) compares
+  false with everything: it would be picked at random and would end a Pareto frontier at itself."""
+  return [r for r in rows if math.isfinite(r.top1)]
+
 
 def _check_cost(cost: str) -> str:
   if cost not in COSTS:
@@ -105,10 +133,10 @@ def _check_cost(cost: str) -> str:
 
 def pareto_frontier(rows: Sequence[Row], cost: str = 'macs') -> list[Row]:
   """Rows no other row beats (cost <= and top-1 >=, one of them strictly), cheapest first; rows without that cost
-  (an optional column not measured) are left out."""
+  (an optional column not measured) or without a top-1 accuracy are left out."""
   _check_cost(cost)
   frontier: list[Row] = []
-  measured = [r for r in rows if getattr(r, cost) is not None]
+  measured = [r for r in scored(rows) if getattr(r, cost) is not None]
   for row in sorted(measured, key=lambda r: (getattr(r, cost), -r.top1)):
     if not frontier or row.top1 > frontier[-1].top1:
       frontier.append(row)
@@ -121,8 +149,8 @@ def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: fl
 
   `latency` picks the runtime `budget_ms` bounds: 'jax' (the sweep's own timing) or 'tflite' (the TFLite
   interpreter, measured by `--mode=sweep --tflite_latency`). Ties in top-1 go to the cheaper row (by the budgeted
-  cost, MACs first when both are given), then the higher top-5, then the smaller width. Nothing within budget is a
-  UserError naming the cheapest configuration.
+  cost, MACs first when both are given), then the higher top-5, then the smaller width. Rows without a top-1
+  accuracy are never picked. Nothing within budget is a UserError naming the cheapest configuration.
   """
   if budget_mflops is None and budget_ms is None:
     raise UserError('give a budget: --budget_mflops (millions of multiply-adds) and/or --budget_ms (latency).')
@@ -130,6 +158,9 @@ def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: fl
     raise UserError(f'--latency must be one of {sorted(LATENCY_COLUMNS)}, got {latency!r}.')
   if not rows:
     raise UserError('the query table is empty: run --mode=sweep again.')
+  rows = scored(rows)
+  if not rows:
+    raise UserError('no row of the query table has a top-1 accuracy (all NaN): run --mode=sweep again.')
   column = LATENCY_COLUMNS[latency]
   if budget_ms is not None and all(getattr(r, column) is None for r in rows):
     raise UserError(f'the query table has no {COSTS[column]} column: sweep with --tflite_latency first.')
