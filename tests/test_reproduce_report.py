@@ -295,3 +295,26 @@ def test_width_dip_is_found(dip, status):
   widths = _verdict(vd.compute({'MutualNet': {s: _rows(top1, pairs) for s in (0, 1)}}, N, 2, 'test'), 'widths')
   assert widths.kind == 'context' and widths.status == status
   assert [c.where for c in widths.comparisons if c.status == 'not held'] == (['0.35@28 vs 0.25@28'] if dip else [])
+
+
+@pytest.mark.parametrize('final, train_top1, overfits', [(0.80, 0.995, True), (0.86, 0.995, False),
+                                                          (0.80, 0.95, False)])
+def test_pilot_evidence_needs_a_fitted_training_set_and_a_test_peak_behind(tmp_path, final, train_top1, overfits):
+  """Over-fitting is judged on the pilot's own numbers: training-image top-1 >= 99 % and a test curve whose last
+  point is below its earlier peak."""
+  run = runs_lib.select(max_priority=1)[0]
+  assert run.pilot
+  log = tmp_path / 'logs' / f'{run.name}.train.log'
+  log.parent.mkdir(parents=True)
+  lines = [f'I1206 03:49:05.0 1 logging_writer.py:48] [{s}] accuracy/fixed={a}, loss/fixed=0.5' for s, a in
+           ((78, 0.6), (156, 0.9))]
+  lines += [f'I1206 03:49:05.0 1 logging_writer.py:48] [{s}] eval_top1/fixed={t}, eval_top5/fixed=0.99' for s, t in
+            ((78, 0.70), (156, 0.85), (234, final))]
+  log.write_text('\n'.join(lines) + '\n')
+  query.write_table(_rows(lambda *_: train_top1, [runs_lib.FULL]), str(tmp_path / run.name / runs_lib.FIT_DIR),
+                    {'eval_images': 5000})
+  evidence = report.pilot_evidence(tmp_path, run)
+  assert evidence['overfits'] is overfits and evidence['train_top1'] == pytest.approx(train_top1)
+  assert (evidence['test_peak'], evidence['test_final_step']) == (max(0.85, final), 234)
+  assert [p['step'] for p in evidence['curve']] == [78, 156, 234]
+  assert '--config.eval_split=train[:' in ' '.join(run.fit_args())

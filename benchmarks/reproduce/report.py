@@ -78,6 +78,7 @@ class BudgetData:
   facts_from: str
   fit: list[dict[str, Any]]                 # training fit of the labelled network, per run
   verdicts: list[vd.Verdict] = dataclasses.field(default_factory=list)
+  pilot: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # pilot runs' curves and fit (round 2)
 
   @property
   def title(self) -> str:
@@ -176,6 +177,49 @@ def training_fit(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
   return rows
 
 
+_SCALARS = re.compile(r'\] \[(\d+)\] (.*)$')
+OVERFIT_TRAIN_TOP1 = 0.99  # the pilot's criterion: the full network fits its training images at least this well
+
+
+def curve(log: Path) -> list[dict[str, float]]:
+  """Per logged step of the last training attempt in a log: the scalars main.py wrote ('[step] k=v, ...' lines);
+  a resumed attempt continues the curve, so every attempt's lines are kept and later ones win."""
+  points: dict[int, dict[str, float]] = {}
+  for line in (log.read_text().splitlines() if log.exists() else []):
+    found = _SCALARS.search(line)
+    if not found:
+      continue
+    for item in found.group(2).split(', '):
+      key, _, value = item.partition('=')
+      try:
+        points.setdefault(int(found.group(1)), {})[key.strip()] = float(value)
+      except ValueError:
+        continue
+  return [{'step': step, **points[step]} for step in sorted(points)]
+
+
+def pilot_evidence(out: Path, run: runs_lib.Run) -> dict[str, Any] | None:
+  """Whether a pilot run over-fits: its full network's top-1 on its (un-augmented) training images against its
+  test top-1 curve during training (peak and final); None before the run has a test curve."""
+  points = curve(out / 'logs' / f'{run.name}.train.log')
+  tests = [(p['step'], v) for p in points for k, v in p.items() if k.startswith('eval_top1/')]
+  if not tests:
+    return None
+  peak_step, peak = max(tests, key=lambda t: (t[1], -t[0]))
+  final_step, final = tests[-1]
+  try:
+    fit_rows, _ = query.read_table(str(out / run.name / runs_lib.FIT_DIR))
+    train_top1 = max(r.top1 for r in fit_rows)
+  except (UserError, ValueError):
+    train_top1 = None
+  passed_peak = peak_step < final_step and final < peak
+  return {'run': run.name, 'series': run.series, 'seed': run.seed, 'train_top1': train_top1,
+          'test_peak': peak, 'test_peak_step': peak_step, 'test_final': final, 'test_final_step': final_step,
+          'overfits': bool(train_top1 is not None and train_top1 >= OVERFIT_TRAIN_TOP1 and passed_peak),
+          'curve': [{'step': p['step'], **{k: v for k, v in p.items() if k.startswith(('accuracy/', 'eval_top1/'))}}
+                    for p in points]}
+
+
 def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run], timings: dict) -> BudgetData:
   """A budget from its runs' workdirs under `out` and the facts run.py recorded in timings.json."""
   def rows_of(run: runs_lib.Run) -> tuple[list[Row], dict[str, Any]] | None:
@@ -191,7 +235,9 @@ def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run]
         facts[key].append(value)
   facts_from = ('the runs\' config.json, logs and sweep summaries (timings.json)' if facts else
                 'runs.py: what run.py passes, no config.json recorded yet')
-  return assemble(budget, runs, rows_of, facts, facts_from, training_fit(out, [r.name for r in runs]))
+  bd = assemble(budget, runs, rows_of, facts, facts_from, training_fit(out, [r.name for r in runs]))
+  bd.pilot = [e for e in (pilot_evidence(out, r) for r in runs if r.pilot) if e]
+  return bd
 
 
 def load_all(out: Path, timings: dict, round1: Path = ROUND1_ARCHIVE) -> list[BudgetData]:
@@ -310,6 +356,13 @@ def write_budget_files(bd: BudgetData, folder: Path) -> list[Path]:
     for row in budget_rows(bd):
       w.writerow([row['mflops'], row['source']] + [x for s in present for x in _estimate_fields(row[s])])
   written.append(folder / 'budgets.csv')
+  if bd.pilot:
+    keys = sorted({k for e in bd.pilot for p in e['curve'] for k in p if k != 'step'})
+    with open(folder / 'pilot_curves.csv', 'w', newline='') as f:
+      w = csv.writer(f)
+      w.writerow(['run', 'step'] + keys)
+      w.writerows([e['run'], p['step']] + [p.get(k, '') for k in keys] for e in bd.pilot for p in e['curve'])
+    written.append(folder / 'pilot_curves.csv')
   written.append(overlay_figure(bd, folder / 'overlay.png'))
   if bd.tables.get('MutualNet'):
     written.append(fig5(bd, folder / 'mutualnet_fig5.png'))
@@ -437,13 +490,33 @@ def render_fit(bd: BudgetData) -> list[str]:
   return lines
 
 
+def render_pilot(bd: BudgetData) -> list[str]:
+  """The pilot's evidence that the budget over-fits (or that it does not)."""
+  if not bd.pilot:
+    return []
+  lines = ['| run | train top-1 (%, training images) | test top-1 peak (%) at step | test top-1 final (%) at step | '
+           'over-fits |', '|---|---:|---:|---:|---|']
+  for e in bd.pilot:
+    train = _pct(e['train_top1']) if e['train_top1'] is not None else 'not measured yet'
+    lines.append(f'| {e["run"]} | {train} | {_pct(e["test_peak"])} at {e["test_peak_step"]} | '
+                 f'{_pct(e["test_final"])} at {e["test_final_step"]} | {"yes" if e["overfits"] else "no"} |')
+  return lines
+
+
 def render_budget(bd: BudgetData, docs: Path, folder: Path) -> list[str]:
   rel = os.path.relpath(folder, docs)
   md = [f'## {bd.title}: {bd.budget.purpose}', '']
   if not bd.run_rows:
     return md + [f'No run of this budget has been swept yet ({len(bd.missing)} listed in runs.py): nothing to '
                  'report.', '']
-  md += [*render_setup(bd), '', '### Verdicts', '']
+  md += render_setup(bd)
+  pilot = render_pilot(bd)
+  if pilot:
+    md += ['', '### Pilot: does this budget over-fit?', '',
+           f'The criterion: the full network reaches ≥ {100 * OVERFIT_TRAIN_TOP1:g} % top-1 on its own training '
+           'images (un-augmented, as evaluated) while its test top-1, evaluated every 2 epochs during training, '
+           f'has passed its peak. Curves: `pilot_curves.csv`.', '', *pilot]
+  md += ['', '### Verdicts', '']
   claims = [v for v in bd.verdicts if v.kind == 'claim']
   md += [f'- {render_verdict(v)}' for v in claims] or ['- No claim can be checked: a compared method has no run.']
   md += [f'- {render_verdict(v)}' for v in bd.verdicts if v.kind == 'context']

@@ -142,8 +142,9 @@ def train(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str
   return rc == 0 and is_trained(run, out)
 
 
-def sweep_is_current(run: runs_lib.Run, workdir: Path) -> bool:
-  table = workdir / 'query_table.json'
+def table_is_current(tables: Path, workdir: Path, configs: set[tuple[float, int]]) -> bool:
+  """Whether the query table in `tables` belongs to the workdir's latest checkpoint and holds `configs`."""
+  table = tables / 'query_table.json'
   try:
     data = json.loads(table.read_text())
   except (OSError, ValueError):
@@ -154,23 +155,30 @@ def sweep_is_current(run: runs_lib.Run, workdir: Path) -> bool:
   if table.stat().st_mtime < (workdir / 'checkpoints' / str(step)).stat().st_mtime:
     return False
   have = {(float(r['width']), int(r['resolution'])) for r in data['rows']}
-  return run.sweep_configs() <= have
+  return configs <= have
 
 
-def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str) -> bool:
+def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str, phase: str = 'sweep') -> bool:
+  """The run's sweep (phase 'sweep': its budget's configurations on the test split, into the workdir) or, for a
+  pilot, its fit (phase 'fit': the full configuration on its training images, into FIT_DIR)."""
   workdir = out / run.name
-  if sweep_is_current(run, workdir):
-    print(f'[{now()}] {run.name}: swept, skipping', flush=True)
+  fit = phase == 'fit'
+  tables = workdir / runs_lib.FIT_DIR if fit else workdir
+  configs = {runs_lib.FULL} if fit and run.method != 'independent' else run.sweep_configs()
+  if table_is_current(tables, workdir, configs):
+    print(f'[{now()}] {run.name}: {phase} measured, skipping', flush=True)
     return True
+  extra = [*run.fit_args(), f'--out={tables}', '--latency_repeats=1'] if fit else [
+      *run.sweep_args(), f'--latency_repeats={runs_lib.LATENCY_REPEATS}']
   cmd = [sys.executable, 'main.py', '--mode=sweep', run.config_arg(), f'--workdir={workdir}', *run.overrides(),
-         *run.sweep_args(), f'--latency_repeats={runs_lib.LATENCY_REPEATS}']
-  print(f'[{now()}] {run.name}: sweeping', flush=True)
+         *extra]
+  print(f'[{now()}] {run.name}: {phase}', flush=True)
   started = now()
-  rc, seconds = run_logged(cmd, log_path(out, run, 'sweep'), env)
-  timings.record(run.name, 'sweep', {'start': started, 'seconds': round(seconds, 1), 'rc': rc, 'commit': commit,
-                                     'checkpoint_step': latest_checkpoint(workdir),
-                                     'command': ' '.join(['python'] + cmd[1:])})
-  print(f'[{now()}] {run.name}: sweep exit {rc} after {seconds:.0f} s', flush=True)
+  rc, seconds = run_logged(cmd, log_path(out, run, phase), env)
+  timings.record(run.name, phase, {'start': started, 'seconds': round(seconds, 1), 'rc': rc, 'commit': commit,
+                                   'checkpoint_step': latest_checkpoint(workdir),
+                                   'command': ' '.join(['python'] + cmd[1:])})
+  print(f'[{now()}] {run.name}: {phase} exit {rc} after {seconds:.0f} s', flush=True)
   return rc == 0
 
 
@@ -285,6 +293,8 @@ def main() -> int:
         continue
       if train(run, out, timings, env, commit) and not too_late():
         sweep(run, out, timings, env, commit)
+        if run.pilot:
+          sweep(run, out, timings, env, commit, phase='fit')
       refresh_facts(run, out, timings, split_sizes)
     invocation['end'] = now()
     invocation['seconds'] = round(time.perf_counter() - wall, 1)

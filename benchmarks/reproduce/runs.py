@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 CONFIG = 'configs/default.py'
+FIT_DIR = 'train_fit'  # in a pilot run's workdir: its query table on the training images
 LATENCY_REPEATS = 5
 LABELS = {'mutualnet': 'MutualNet', 'usnet': 'US-Net', 'independent': 'Independent'}
 DIAGNOSTIC_OVERRIDES = ('--config.inplace_distillation=False',)
@@ -77,6 +78,18 @@ class Run:
     if self.method == 'independent':
       out += [f'--config.independent_width={self.width}', f'--config.independent_resolution={self.resolution}']
     return out
+
+  @property
+  def pilot(self) -> bool:
+    """A pilot run: its test curve is logged during training and its fit measured on its training images."""
+    return bool(self.extra)
+
+  def fit_args(self) -> list[str]:
+    """The sweep that measures how well the run fits its training images (un-augmented, as evaluated): the full
+    configuration on the training split (run.py writes it to the workdir's FIT_DIR)."""
+    width, resolution = (self.width, self.resolution) if self.method == 'independent' else FULL
+    return [f'--config.eval_split={self.budget.settings.get("train_split", "train")}', f'--widths={width:g}',
+            f'--resolutions={resolution}']
 
   def config_arg(self) -> str:
     return f'--config={CONFIG}:{self.method}'
