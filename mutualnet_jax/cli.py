@@ -137,4 +137,8 @@ def run_cli(app: Any, main: Callable[[Sequence[str]], Any]) -> None:
       return main(argv)
     except UserError as e:
       fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops on it): nothing half-written remains
+      print('error: interrupted (Ctrl-C); the same command starts again (training resumes from its last '
+            'checkpoint).', file=sys.stderr)
+      sys.exit(130)
   app.run(guarded, flags_parser=parse_flags)
