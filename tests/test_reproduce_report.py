@@ -262,12 +262,14 @@ def test_run_list_is_data():
   assert not runs_lib.ROUND1.run_by_default and all(r.budget.round == 2 for r in runs_lib.select())
   # The pilot first: the independent full network and MutualNet, seed 0, with their test curves.
   first = runs_lib.select(max_priority=1)
-  assert [(r.series, r.seed, r.extra) for r in first] == [('Independent', 0, runs_lib.PILOT_EVAL),
-                                                          ('MutualNet', 0, runs_lib.PILOT_EVAL)]
+  assert [(r.budget.name, r.series, r.seed, r.pilot) for r in first] == [
+      ('overfit', 'Independent', 0, True), ('overfit', 'MutualNet', 0, True), ('pilot5k', 'Independent', 0, True)]
   assert all((r.width, r.resolution) == runs_lib.FULL for r in first if r.method == 'independent')
   # Claim 4 with 4 seeds comes next, before any other method.
-  claim4 = runs_lib.select(max_priority=2)
+  claim4 = runs_lib.select(budgets=['overfit'], max_priority=2)
   assert {(r.series, r.seed) for r in claim4} == {(m, s) for m in ('MutualNet', 'Independent') for s in range(4)}
+  assert all(r.budget.settings['warmup_epochs'] * runs_lib.STEPS_PER_EPOCH[r.budget.name] == pytest.approx(
+      runs_lib.WARMUP_STEPS, abs=0.5) for r in runs_lib.ROUND2.runs)  # the same warm-up in steps everywhere
   overfit = [r for r in runs_lib.ROUND2.runs if r.budget.name == 'overfit']
   seeds = lambda pred: {r.seed for r in overfit if pred(r)}  # noqa: E731
   assert len(seeds(lambda r: r.method == 'usnet')) >= 4
@@ -278,8 +280,8 @@ def test_run_list_is_data():
     assert all(f'--config.num_epochs={budget.epochs}' in r.overrides() for r in runs)  # same schedule for all
     assert all(len({o.split("=")[0] for o in r.overrides()}) == len(r.overrides()) for r in runs)  # each once
     assert all('--config.weight_decay_params=all' in r.overrides() for r in runs)     # the official rule
-    mutualnet = next(r for r in runs if r.method == 'mutualnet')
-    assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= mutualnet.sweep_configs()
+    for mutualnet in (r for r in runs if r.method == 'mutualnet'):
+      assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= mutualnet.sweep_configs()
   assert max(r.priority for r in runs_lib.ROUND2.runs if r.budget.name == 'long') == max(
       r.priority for r in runs_lib.ROUND2.runs)  # the long budget is last
   # The whole plan fits about 8 hours of 2 cores.

@@ -11,9 +11,10 @@ only place its results survive. It is never re-run by default (the library's def
 `ROUND1.described`).
 
 Round 2 uses the official recipe for a non-ImageNet dataset for every method (uniform continuous widths, weight
-decay on every parameter, pad-crop + flip) under the 'overfit' budget (a 5k-image training subset trained until the
-independent full network over-fits; the whole plan fits about 8 hours of 2 cores, `run.py --list` prints it) and an
-optional 'long' one (the full training set, one seed, last). Subset and epochs live in OVERFIT_IMAGES and EPOCHS.
+decay on every parameter, pad-crop + flip) under the 'overfit' budget (a 1k-image training subset
+trained until the independent full network over-fits, after a 5k-image pilot that did not; the whole plan fits about
+8 hours of 2 cores, `run.py --list` prints it) and an optional 'long' one (the full training set, one seed, last).
+Subsets and epochs live in SCHEDULES.
 """
 from __future__ import annotations
 
@@ -185,15 +186,22 @@ ROUND2_COMMON = {
     'eval_every_steps': 0,
     'checkpoint_every_steps': 200,
 }
-# 'overfit': a training subset small and an epoch count long enough that the independent full network over-fits
-# (the pilot, priority 1, shows it: training accuracy >= 99 % while its test accuracy has passed its peak).
-OVERFIT_IMAGES = 5000
-EPOCHS = {'overfit': 60, 'long': 10}
-STEPS_PER_EPOCH = {'overfit': OVERFIT_IMAGES // ROUND2_COMMON['batch_size'],
-                   'long': 60_000 // ROUND2_COMMON['batch_size']}
-# The pilot's in-training evaluation (test top-1 of the full network every 2 epochs): evidence of over-fitting,
-# changes nothing in training (the field is free to change on resume).
-PILOT_EVAL = (('eval_every_steps', 2 * STEPS_PER_EPOCH['overfit']),)
+# Budgets as data: name -> (training images, epochs). 'overfit' is a subset small and a schedule long enough that the
+# independent full network over-fits (its pilot, priority 1, shows whether it does: >= 99 % top-1 on its training
+# images while its test top-1 has passed its peak). 'pilot5k' is the first pilot, kept as evidence: 5k images for
+# 60 epochs did not over-fit (docs/RESULTS.md). 'long' is the full training set, optional and last.
+SCHEDULES = {'overfit': (1000, 300), 'pilot5k': (5000, 60), 'long': (60_000, 10)}
+WARMUP_STEPS = 47               # the same linear warm-up for every budget and method (round 1's)
+PILOT_EVALS = 30                # test evaluations during a pilot run (its curve)
+EPOCHS = {name: epochs for name, (_, epochs) in SCHEDULES.items()}
+STEPS_PER_EPOCH = {name: images // ROUND2_COMMON['batch_size'] for name, (images, _) in SCHEDULES.items()}
+
+
+def _pilot_eval(budget: str) -> tuple[tuple[str, Any], ...]:
+  """The pilot's in-training evaluation: changes nothing in training (the field is free to change on resume)."""
+  return (('eval_every_steps', max(1, STEPS_PER_EPOCH[budget] * EPOCHS[budget] // PILOT_EVALS)),)
+
+
 # MutualNet and US-Net: the widths of the old 0.25 grid plus three off it (untrained widths dipped in round 1),
 # at every resolution.
 ROUND2_SWEEP = dict(sweep_widths=(1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25), sweep_resolutions=(28, 24, 20, 16))
@@ -202,20 +210,26 @@ OTHER_INDEPENDENT = ((0.25, 16), (0.5, 20), (0.75, 24))  # claim 4b: one per res
 CORE_SEEDS = (0, 1, 2, 3)       # MutualNet, US-Net and the independent FULL network
 GRID_SEEDS = (0, 1)             # the other independent networks
 
-# Training throughput per method (images/s, this project on a 2-core AMD EPYC AVX-512 with the runner's nice, the
-# 5k-image budget's settings; python benchmarks/reproduce/run.py --list prints the plan from it). Sweeps: seconds.
+# Training throughput per method (images/s, this project on a 2-core AMD EPYC AVX-512 under the runner's nice, the
+# small budgets' settings; python benchmarks/reproduce/run.py --list prints the plan from it). Sweeps: seconds.
 RATE = {'mutualnet': 250.0, 'usnet': 200.0, 'independent': 430.0}
 SWEEP_SECONDS = {'mutualnet': 150.0, 'usnet': 150.0, 'independent': 30.0}
 PILOT_EVAL_SECONDS = 20.0       # one in-training evaluation (quick BN recalibration + 10k test images)
 
+
+def _budget(name: str, purpose: str) -> Budget:
+  images = SCHEDULES[name][0]
+  split = 'train' if images >= 60_000 else f'train[:{images}]'
+  return Budget(2, name, EPOCHS[name], {**ROUND2_COMMON, 'train_split': split,
+                                        'warmup_epochs': round(WARMUP_STEPS / STEPS_PER_EPOCH[name], 1)},
+                purpose, **ROUND2_SWEEP)
+
+
 _R2_BUDGETS = (
-    Budget(2, 'overfit', EPOCHS['overfit'],
-           {**ROUND2_COMMON, 'train_split': f'train[:{OVERFIT_IMAGES}]', 'warmup_epochs': 1.2},
-           f'a {OVERFIT_IMAGES // 1000}k-image training subset, trained until the independent full network over-fits',
-           **ROUND2_SWEEP),
-    Budget(2, 'long', EPOCHS['long'], {**ROUND2_COMMON, 'train_split': 'train', 'warmup_epochs': 0.1},
-           'the full training set (optional, last): one seed of MutualNet and the independent full network',
-           **ROUND2_SWEEP),
+    _budget('overfit', f'a {SCHEDULES["overfit"][0]:,}-image training subset for {EPOCHS["overfit"]} epochs, long '
+                       'enough that the independent full network over-fits'),
+    _budget('pilot5k', 'the first pilot: 5,000 images for 60 epochs (the independent full network only)'),
+    _budget('long', 'the full training set (optional, last): one seed of MutualNet and the independent full network'),
 )
 
 
@@ -229,11 +243,14 @@ def _r2_runs(budget: Budget) -> list[Run]:
     return Run(budget, f'round2/{budget.name}_{split}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority,
                width, resolution, diagnostic=diagnostic, extra=extra)
 
+  pilot = _pilot_eval(budget.name)
   if budget.name == 'long':
     return [run('mutualnet', 0, 6), run('independent', 0, 6, *FULL)]
+  if budget.name == 'pilot5k':
+    return [run('independent', 0, 1, *FULL, extra=pilot)]
   return [
       # 1: the pilot (<= 1 h): the independent full network and MutualNet, seed 0, with test curves.
-      run('independent', 0, 1, *FULL, extra=PILOT_EVAL), run('mutualnet', 0, 1, extra=PILOT_EVAL),
+      run('independent', 0, 1, *FULL, extra=pilot), run('mutualnet', 0, 1, extra=pilot),
       # 2: claim 4 with 4 seeds.
       *[r for seed in CORE_SEEDS[1:] for r in (run('mutualnet', seed, 2), run('independent', seed, 2, *FULL))],
       # 3: US-Net (claims 1 and 3) with 4 seeds.
@@ -247,10 +264,10 @@ def _r2_runs(budget: Budget) -> list[Run]:
 
 def estimated_seconds(run: Run) -> float:
   """Training (images / measured rate), in-training evaluations and the sweep of one run."""
-  name = run.budget.name
-  steps = STEPS_PER_EPOCH[name] * run.budget.epochs
-  evals = steps / (2 * STEPS_PER_EPOCH[name]) if run.extra == PILOT_EVAL else 0
-  return steps * run.budget.settings['batch_size'] / RATE[run.method] + evals * PILOT_EVAL_SECONDS + SWEEP_SECONDS[run.method]
+  steps = STEPS_PER_EPOCH[run.budget.name] * run.budget.epochs
+  evals = PILOT_EVALS if run.pilot else 0
+  return (steps * run.budget.settings['batch_size'] / RATE[run.method] + evals * PILOT_EVAL_SECONDS
+          + SWEEP_SECONDS[run.method])
 
 
 ROUND2 = Round(
