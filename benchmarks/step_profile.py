@@ -94,7 +94,7 @@ def profile_setting(setting: str) -> dict:
   by_layer, top, programs = collections.Counter(), [], []
   grads, teacher_logits = None, None
   for i, subnet in enumerate((plan.teacher, *plan.students)):
-    compiled = trainer.steps.compile(trainer.sampler.bucket(subnet), i == 0)
+    compiled = trainer.steps.programs(trainer.sampler.bucket(subnet), i == 0)
     target = batch['label'] if subnet.loss == 'ce' else teacher_logits
 
     def calls(n, summed=grads, target=target):  # fresh gradient buffers per call: the program donates them

@@ -81,7 +81,7 @@ def run_one(setting: str) -> dict:
     per_bucket = {}
     for i, s in enumerate(subnets):
       t0 = time.perf_counter()
-      hlo[f'{s.width}@{s.resolution}'] = common.cost(trainer.steps.compile(trainer.sampler.bucket(s), i == 0))
+      hlo[f'{s.width}@{s.resolution}'] = common.cost(trainer.steps.programs(trainer.sampler.bucket(s), i == 0))
       per_bucket[f'{s.width}@{s.resolution}'] = time.perf_counter() - t0
     compile_s[label] = {'per_bucket': per_bucket, 'total': sum(per_bucket.values())}
   bandwidth = common.memory_bandwidth()

@@ -4,7 +4,8 @@ Statistics are not shared across configurations: after training, each (width, re
 variance per BN layer, recomputed from a few thousand training images as an exact cumulative average. Each batch runs
 the network in training mode (every BN normalises with its batch statistics, as the official code does while
 calibrating) and its per-layer moments are merged with Chan's parallel formula, so the result equals the mean and
-(biased) variance over all calibration images of each BN layer's input. One compiled function per bucket.
+(biased) variance over all calibration images of each BN layer's input. One compiled program per bucket
+(`mutualnet_jax.programs`).
 
 `StatsStore` keeps one orbax item per (width, resolution) under `workdir/bn_stats/`, holding only the compact arrays
 of that sub-network, a checksum and where they came from (checkpoint, calibration settings). Items are written
@@ -17,20 +18,16 @@ import hashlib
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh
 
-from mutualnet_jax import parallel, workdir as workdir_lib
+from mutualnet_jax import parallel, programs, workdir as workdir_lib
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import resize
 
 STORE_DIR = 'bn_stats'
-_is_layer = lambda x: isinstance(x, Mapping) and 'mean' in x  # noqa: E731
 
 
 def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
@@ -43,72 +40,19 @@ def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
     m2 = a['m2'] + b['var'] * batch_count + delta * delta * (count * batch_count / total)
     return {'mean': mean, 'm2': m2}
 
-  return jax.tree.map(merge_layer, acc, batch, is_leaf=_is_layer)
+  return jax.tree.map(merge_layer, acc, batch, is_leaf=programs.is_layer)
 
 
-class BNShapes:
-  """Per-layer BN channel counts of each width (a tree shaped like 'batch_stats', leaves (C,)), from an abstract
-  trace cached per width; what moves statistics between a width and the capacity that runs it."""
+class Calibrator(programs.BucketPass):
+  """Recomputes BN statistics of (width, resolution) sub-networks; one compiled program per bucket (an exact width,
+  or a capacity reused for every width it holds). Statistics are global (over all devices), whatever BN grouping
+  training used."""
 
-  def __init__(self, model: SlimmableModel, channels: int):
-    self.model, self.channels = model.clone(bn_groups=1), channels
-    self._shapes: dict[float, Any] = {}
-
-  def __call__(self, params: Any, width: float) -> Any:
-    if width not in self._shapes:
-      r = self.model.min_resolution
-      x = jax.ShapeDtypeStruct((1, r, r, self.channels), jnp.float32)
-      moments = jax.eval_shape(lambda p, x: self.model.apply({'params': p}, x, width=width, train=True,
-                                                             mutable=['bn_moments'])[1]['bn_moments'], params, x)
-      self._shapes[width] = jax.tree.map(lambda s: s['mean'].shape, moments, is_leaf=_is_layer)
-    return self._shapes[width]
-
-
-def _is_shape(x: Any) -> bool:
-  return isinstance(x, tuple)
-
-
-def slice_stats(stats: Any, shapes: Any) -> Any:
-  """Statistics computed at a capacity, cut to the channels a width uses."""
-  return jax.tree.map(lambda shape, layer: {k: np.asarray(v)[:shape[0]] for k, v in layer.items()}, shapes, stats,
-                      is_leaf=_is_shape)
-
-
-def pad_stats(stats: Any, shapes: Any) -> Any:
-  """A width's statistics padded to a capacity's channels (mean 0, variance 1: finite, and zeroed downstream)."""
-  def pad(shape: tuple[int, ...], layer: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    extra = shape[0] - np.shape(layer['mean'])[0]
-    return {'mean': np.pad(np.asarray(layer['mean']), (0, extra)),
-            'var': np.pad(np.asarray(layer['var']), (0, extra), constant_values=1.0)}
-  return jax.tree.map(pad, shapes, stats, is_leaf=_is_shape)
-
-
-class Calibrator:
-  """Recomputes BN statistics of (width, resolution) sub-networks; one compiled program per (width or capacity,
-  resolution), reused for every width the capacity holds."""
-
-  def __init__(self, model: SlimmableModel, mesh: Mesh, antialias: bool = False):
-    # Calibration statistics are global (synchronised over devices), whatever BN grouping training used.
-    self.model = model.clone(bn_groups=1)
-    self.mesh = mesh
-    self.antialias = antialias
-    self._shapes: dict[int, BNShapes] = {}
-    self._steps: dict[tuple[float, int, bool], Callable[..., Any]] = {}  # owned by this calibrator, freed with it
-
-  def shapes(self, channels: int) -> BNShapes:
-    if channels not in self._shapes:
-      self._shapes[channels] = BNShapes(self.model, channels)
-    return self._shapes[channels]
-
-  def _step(self, width: float, resolution: int, masked: bool) -> Callable[..., Any]:
-    if (width, resolution, masked) not in self._steps:
-      self._steps[width, resolution, masked] = self._make_step(width, resolution)
-    return self._steps[width, resolution, masked]
-
-  def _make_step(self, width: float, resolution: int) -> Callable[..., Any]:
+  def build(self, bucket: programs.Bucket, variant: None) -> Callable[..., Any]:
+    del variant
     def step(params, images, acc, count, active):
-      x = resize(images, resolution, self.antialias)
-      _, state = self.model.apply({'params': params}, x, width=width, train=True, active=active,
+      x = resize(images, bucket.resolution, self.antialias)
+      _, state = self.model.apply({'params': params}, x, width=bucket.width, train=True, active=active,
                                   mutable=['bn_moments'])
       return _merge(acc, count, state['bn_moments'], x.shape[0])
     # Outputs placed like the inputs, so the second batch hits the first batch's executable.
@@ -117,25 +61,21 @@ class Calibrator:
   def _zeros(self, shapes: Any) -> Any:
     """Replicated zero accumulators with these BN shapes."""
     zeros = lambda shape: {'mean': np.zeros(shape, np.float32), 'm2': np.zeros(shape, np.float32)}  # noqa: E731
-    return parallel.replicate(jax.tree.map(zeros, shapes, is_leaf=_is_shape), self.mesh)
+    return parallel.replicate(jax.tree.map(zeros, shapes, is_leaf=programs.is_shape), self.mesh)
 
-  def calibrate(self, params: Any, width: float, resolution: int, batches: Iterable[Mapping[str, Any]],
-                capacity: float | None = None) -> Any:
-    """BN statistics {'layer': {'bn': {'mean', 'var'}}} (compact NumPy arrays of this width) over all `batches`.
+  def calibrate(self, params: Any, width: float, resolution: int, batches: Iterable[Mapping[str, Any]]) -> Any:
+    """BN statistics {'layer': {'bn': {'mean', 'var'}}} (compact NumPy arrays of this width) over all `batches`,
+    in the program of the smallest capacity that holds `width` (the same statistics, one program for many widths).
 
-    `capacity`: run the width in the program of this capacity (the same statistics, one program for many widths).
     `batches` yields process-local dicts with an 'image' entry (full batches; see
     `input_pipeline.calibration_iterator`)."""
-    masked = capacity is not None
-    program_width = capacity if masked else width
-    step = self._step(program_width, resolution, masked)
-    active = parallel.replicate(self.model.channel_counts(width), self.mesh) if masked else None
+    bucket, step, active = self.program(width, resolution)
     acc, count = None, 0
     for batch in batches:
       images = parallel.global_batch({'image': batch['image']}, self.mesh)['image']
       if acc is None:
-        shapes = self.shapes(images.shape[-1])
-        acc = self._zeros(shapes(params, program_width))
+        shapes = self.bn_shapes(images.shape[-1])
+        acc = self._zeros(shapes(params, bucket.width))
       acc = step(params, images, acc, np.float32(count), active)
       count += images.shape[0]
     if acc is None:
@@ -143,7 +83,7 @@ class Calibrator:
                       'config.calibration_batch_size; lower it.')
     to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / np.float32(count)}  # noqa: E731
     stats = jax.tree.map(to_stats, jax.device_get(acc), is_leaf=lambda x: isinstance(x, Mapping) and 'm2' in x)
-    return slice_stats(stats, shapes(params, width)) if masked else stats
+    return programs.slice_stats(stats, shapes(params, width)) if bucket.masked else stats
 
 
 def tree_digest(tree: Any) -> str:
@@ -218,14 +158,13 @@ class StatsStore:
 
 
 def get_or_calibrate(store: StatsStore, calibrator: Calibrator, params: Any, width: float, resolution: int,
-                     batches: Callable[[], Iterable[Mapping[str, Any]]], provenance: Mapping[str, Any],
-                     capacity: float | None = None) -> tuple[Any, bool]:
-  """(statistics, whether they were computed now): from the store when valid, else calibrated (in the program of
-  `capacity` when given) and stored."""
+                     batches: Callable[[], Iterable[Mapping[str, Any]]],
+                     provenance: Mapping[str, Any]) -> tuple[Any, bool]:
+  """(statistics, whether they were computed now): from the store when valid, else calibrated and stored."""
   stats = store.load(width, resolution, provenance)
   if stats is not None:
     return stats, False
-  stats = calibrator.calibrate(params, width, resolution, batches(), capacity)
+  stats = calibrator.calibrate(params, width, resolution, batches())
   if workdir_lib.is_writable(store.directory):
     store.save(width, resolution, stats, provenance)
   else:  # a read-only workdir opened from Python: the statistics are used, not kept

@@ -36,7 +36,7 @@ from mutualnet_jax import slim, workdir as workdir_lib
 from mutualnet_jax.bn_calibration import store_key
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
-from mutualnet_jax.models.base import SlimmableModel
+from mutualnet_jax.models.base import SlimmableModel, trace_layers
 from mutualnet_jax.preprocess import resize
 
 EXPORT_DIR = 'export'
@@ -63,10 +63,7 @@ def used_channels(model: SlimmableModel, params: Any, width: float, resolution: 
       calls[context.module.scope.path] = (context.module, args[0].shape[-1], out.shape[-1])
     return out
 
-  x = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
-  traced = model.clone(conv_impl='xla', bn_groups=1)  # the kernel path and BN grouping change no channel count
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda p, x: traced.apply({'params': p}, x, width=width, train=True), params, x)
+  trace_layers(model, params, width, resolution, channels, record)
   return calls
 
 
@@ -250,8 +247,9 @@ def _numeric(images: Any, expected: str) -> jax.Array:
 
 
 def _finite(images: jax.Array) -> jax.Array:
-  """`images`, or a UserError when some pixels are NaN or infinite (every logit would be NaN)."""
-  if jnp.issubdtype(images.dtype, jnp.floating):
+  """`images`, or a UserError when some pixels are NaN or infinite (every logit would be NaN). Traced images (under
+  jit or eval_shape) have no values to check and pass through."""
+  if jnp.issubdtype(images.dtype, jnp.floating) and not isinstance(images, jax.core.Tracer):
     bad = int(jnp.size(images) - jnp.count_nonzero(jnp.isfinite(images)))
     if bad:
       raise UserError(f'{bad} of {images.size} pixel values are NaN or infinite: fix or drop those images.')

@@ -24,7 +24,7 @@ from mutualnet_jax import slim
 from mutualnet_jax.cli import parse_numbers, run_cli
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
-from mutualnet_jax.models.base import SlimmableModel
+from mutualnet_jax.models.base import SlimmableModel, trace_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,6 @@ LayerShapes = list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]]
 
 def layer_shapes(model: SlimmableModel, width: float, resolution: int, channels: int = 3) -> LayerShapes:
   """(layer, input shape, output shape) of every layer that has a cost, in call order, for one image."""
-  # The kernel path does not change the arithmetic; 'xla' traces fewer ops.
-  model = model.clone(conv_impl='xla')
   calls: LayerShapes = []
 
   def record(next_fun, args, kwargs, context):
@@ -61,10 +59,7 @@ def layer_shapes(model: SlimmableModel, width: float, resolution: int, channels:
       calls.append((context.module, tuple(args[0].shape), tuple(out.shape)))
     return out
 
-  x = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
-  params = _param_shapes(model, channels)
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda p, x: model.apply({'params': p}, x, width=width, train=True), params, x)
+  trace_layers(model, _param_shapes(model, channels), width, resolution, channels, record)
   return calls
 
 

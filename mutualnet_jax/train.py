@@ -8,10 +8,8 @@ sub-network before a single `optimizer.step()`.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
-import os
 import signal
 import threading
 import time
@@ -32,6 +30,7 @@ from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import input_size, resize
+from mutualnet_jax.programs import Programs
 from mutualnet_jax.sampling import Bucket, Sampler, StepPlan, Subnet
 from mutualnet_jax.train_state import (TrainState, abstract_state, adjust_loss_scale, create_optimizer, init_state,
                                        learning_rate_schedule, needs_loss_scaling)
@@ -74,14 +73,14 @@ def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothi
 
 
 class SubnetSteps:
-  """Compiled forward+backward functions, one per bucket, compiled at most once each (lazily or ahead of time).
+  """The training step's sub-network programs (forward + backward), compiled ahead of time with abstract arguments.
 
   A step's first sub-network (the teacher) starts the gradient sum, so its bucket also has a program that takes no
-  gradients: programs are keyed by (bucket, first)."""
+  gradients: the programs' variant is `first`."""
 
   def __init__(self, model: SlimmableModel, config: ml_collections.ConfigDict, mesh: Mesh, abstract_params: Any,
                image_shape: Sequence[int], num_classes: int):
-    self.model, self.config, self.mesh = model, config, mesh
+    self.model, self.config = model, config
     self.abstract_params = parallel.abstract(abstract_params, parallel.replicated_sharding(mesh))
     batch = parallel.batch_sharding(mesh)
     self.images = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32, sharding=batch)
@@ -91,43 +90,33 @@ class SubnetSteps:
                                        sharding=parallel.replicated_sharding(mesh))
     self.scale = (jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated_sharding(mesh))
                   if needs_loss_scaling(model) else None)
-    self._compiled: dict[tuple[Bucket, bool], Any] = {}
-    self._lock = threading.Lock()
-    self.compile_seconds: dict[tuple[Bucket, bool], float] = {}
+    self.programs = Programs(model, mesh, self._compile)
 
-  def compile(self, bucket: Bucket, first: bool = False) -> Any:
-    """Lowers and compiles one bucket's program (a cache hit if already compiled)."""
-    key = (bucket, first)
-    if key in self._compiled:
-      return self._compiled[key]
-    start = time.perf_counter()
+  def _compile(self, bucket: Bucket, first: bool) -> Any:
     fn = subnet_loss_and_grad(self.model, bucket, label_smoothing=self.config.label_smoothing,
                               temperature=self.config.kd_temperature, antialias=self.config.resize_antialias)
     active = self.active if bucket.masked else None
     summed = None if first else self.abstract_params
-    compiled = jax.jit(fn, donate_argnums=5).lower(self.abstract_params, self.images, self.targets[bucket.loss],
-                                                   active, self.scale, summed).compile()
-    with self._lock:
-      if key not in self._compiled:
-        self._compiled[key] = compiled
-        self.compile_seconds[key] = time.perf_counter() - start
-    return self._compiled[key]
+    return jax.jit(fn, donate_argnums=5).lower(self.abstract_params, self.images, self.targets[bucket.loss], active,
+                                               self.scale, summed).compile()
 
   def precompile(self, buckets: Sequence[Bucket], threads: int | None = None) -> float:
-    """Compiles every bucket in parallel threads (XLA compiles outside the GIL); the first bucket is the teacher's.
-    Returns the wall time."""
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-      list(pool.map(self.compile, buckets, [True] + [False] * (len(buckets) - 1)))
-    return time.perf_counter() - start
+    """Compiles every bucket in parallel threads, the first (the teacher's) without a gradient sum; the wall time."""
+    return self.programs.precompile([(b, i == 0) for i, b in enumerate(buckets)], threads)
 
   @property
   def num_compiled(self) -> int:
-    return len(self._compiled)
+    return self.programs.num_compiled
 
-  def __call__(self, bucket: Bucket, params: Any, images: jax.Array, target: jax.Array,
-               active: jax.Array | None = None, scale: jax.Array | None = None, summed: Any = None):
-    return self.compile(bucket, summed is None)(params, images, target, active, scale, summed)
+  @property
+  def compile_seconds(self) -> dict[Any, float]:
+    return self.programs.compile_seconds
+
+  def __call__(self, subnet: Subnet, bucket: Bucket, params: Any, images: jax.Array, target: jax.Array,
+               scale: jax.Array | None = None, summed: Any = None):
+    """One sub-network's (metrics, gradients added to `summed`, logits), in `bucket`'s program."""
+    return self.programs(bucket, summed is None)(params, images, target, self.programs.active(bucket, subnet.width),
+                                                 scale, summed)
 
 
 def _apply(tx: optax.GradientTransformation, state: TrainState,
@@ -192,9 +181,7 @@ class Trainer:
 
   def _run(self, subnet: Subnet, params: Any, images: jax.Array, target: jax.Array, scale: jax.Array | None,
            summed: Any):
-    bucket = self.sampler.bucket(subnet)
-    active = parallel.replicate(self.model.channel_counts(subnet.width), self.mesh) if bucket.masked else None
-    m, grads, logits = self.steps(bucket, params, images, target, active, scale, summed)
+    m, grads, logits = self.steps(subnet, self.sampler.bucket(subnet), params, images, target, scale, summed)
     return {f'{k}/{subnet.name}': v for k, v in m.items()}, grads, logits
 
 

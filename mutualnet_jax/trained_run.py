@@ -88,10 +88,10 @@ class TrainedRun:
   def check(self, width: float, resolution: int) -> tuple[float, int]:
     return check_trained_width(self.config, width), check_resolution(resolution, self.model, self.image_size)
 
-  def capacity(self, width: float) -> float | None:
-    """The capacity whose program calibrates and evaluates `width` (None: its exact program; runs trained before
-    capacities existed have none)."""
-    return slim.capacity_for(width, self.config.get('capacities', ()))
+  @property
+  def capacities(self) -> tuple[float, ...]:
+    """The capacity programs that calibrate and evaluate its widths (none for runs trained before they existed)."""
+    return tuple(self.config.get('capacities', ()))
 
   @property
   def provenance(self) -> dict[str, Any]:
@@ -108,11 +108,11 @@ class TrainedRun:
 
   @functools.cached_property
   def calibrator(self) -> bn_calibration.Calibrator:
-    return bn_calibration.Calibrator(self.model, self.mesh, self.config.resize_antialias)
+    return bn_calibration.Calibrator(self.model, self.mesh, self.config.resize_antialias, self.capacities)
 
   @functools.cached_property
   def evaluator(self) -> evaluation.Evaluator:
-    return evaluation.Evaluator(self.model, self.mesh, self.config.resize_antialias)
+    return evaluation.Evaluator(self.model, self.mesh, self.config.resize_antialias, self.capacities)
 
   @functools.cached_property
   def calibration_batches(self) -> input_pipeline.Replay:
@@ -125,11 +125,11 @@ class TrainedRun:
     corrupt; the flag says whether they were computed now."""
     width, resolution = self.check(width, resolution)
     return bn_calibration.get_or_calibrate(self.store, self.calibrator, self.params, width, resolution,
-                                           lambda: self.calibration_batches, self.provenance, self.capacity(width))
+                                           lambda: self.calibration_batches, self.provenance)
 
   def evaluate(self, stats: Any, width: float, resolution: int, batches: Any) -> dict[str, float]:
     """Top-1/top-5 of (width, resolution) with `stats`, in its capacity's program."""
-    return self.evaluator.evaluate(self.params, stats, width, resolution, batches, self.capacity(width))
+    return self.evaluator.evaluate(self.params, stats, width, resolution, batches)
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, store_dir: str = '') -> TrainedRun:

@@ -75,21 +75,24 @@ def test_each_bucket_compiles_once(setup):
 def test_a_width_calibrated_in_its_capacitys_program_equals_exact_slicing(setup):
   """Off-grid widths through the capacity-1.0 program: the same statistics as their exact programs, compact (only
   the used channels), and no new compilation from one width to the next."""
-  _, _, params, batches, calibrator = setup
+  model, mesh, params, batches, calibrator = setup
+  capacity = bn_calibration.Calibrator(model, mesh, capacities=(1.0,))
   for width in (0.37, 0.613):
-    via_capacity = calibrator.calibrate(params, width, 16, batches, capacity=1.0)
+    via_capacity = capacity.calibrate(params, width, 16, batches)
     exact = calibrator.calibrate(params, width, 16, batches)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(via_capacity), jax.tree.leaves(exact)):
       assert a.shape == b.shape, path
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   with CompileCounter().counting() as counter:
-    calibrator.calibrate(params, 0.5, 16, batches, capacity=1.0)
-  assert counter.executables == 0
+    capacity.calibrate(params, 0.5, 16, batches)
+  assert counter.executables == 0 and capacity.programs.num_compiled == 1
 
 
 def test_evaluation_in_a_capacitys_program_equals_exact_slicing(setup):
   model, mesh, params, batches, calibrator = setup
   evaluator = evaluation.Evaluator(model, mesh)
+  capacity = evaluation.Evaluator(model, mesh, capacities=(1.0,))
+  capacity_calibrator = bn_calibration.Calibrator(model, mesh, capacities=(1.0,))
   for width in (0.37, 0.613):
     stats = calibrator.calibrate(params, width, 16, batches)
     predict = jax.jit(lambda v, x, w=width: model.apply(v, x, width=w, train=False).argmax(-1))
@@ -98,11 +101,11 @@ def test_evaluation_in_a_capacitys_program_equals_exact_slicing(setup):
                                                                       b['image']), np.int32),
                      'mask': np.ones(8, np.float32)} for b in batches]
     assert evaluator.evaluate(params, stats, width, 16, eval_batches)['top1'] == 1.0
-    assert evaluator.evaluate(params, stats, width, 16, eval_batches, capacity=1.0)['top1'] == 1.0
-  stats = calibrator.calibrate(params, 0.45, 16, batches, capacity=1.0)
+    assert capacity.evaluate(params, stats, width, 16, eval_batches)['top1'] == 1.0
+  stats = capacity_calibrator.calibrate(params, 0.45, 16, batches)
   with CompileCounter().counting() as counter:
-    evaluator.evaluate(params, stats, 0.45, 16, eval_batches, capacity=1.0)
-  assert counter.executables == 0
+    capacity.evaluate(params, stats, 0.45, 16, eval_batches)
+  assert counter.executables == 0 and capacity.programs.num_compiled == 1
 
 
 def _assert_equal_trees(a, b):

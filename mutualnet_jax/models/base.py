@@ -146,3 +146,14 @@ class SlimmableModel(nn.Module):
     """The class outputs of pooled features (the 'classifier' layer fine-tuning replaces), in at least float32."""
     logits = slim.SlimDense(self.num_classes, in_features, self.dtype, name='classifier')(x)
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
+def trace_layers(model: SlimmableModel, params: Any, width: float, resolution: int, channels: int,
+                 interceptor: Any) -> None:
+  """An abstract forward pass of one image at (width, resolution), in training mode, with `interceptor` (a flax
+  method interceptor) seeing every module call: how per-layer facts (channels, shapes, costs) are read off any
+  backbone without spending FLOPs. The kernel path and BN grouping change no shape, so the trace uses the cheapest."""
+  traced = model.clone(conv_impl='xla', bn_groups=1)
+  x = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda p, x: traced.apply({'params': p}, x, width=width, train=True), params, x)
