@@ -4,6 +4,7 @@
   python main.py --mode=sweep --workdir=/tmp/fmnist   # the config saved by training; or pass --config
   python main.py --mode=query --workdir=/tmp/fmnist --budget_mflops=20 [--format=json]
   python main.py --mode=export --workdir=/tmp/fmnist --width=0.75 --resolution=24
+  python main.py --mode=predict --workdir=/tmp/fmnist --budget_ms=2 [--images=DIR_OR_NPY] [--count=10]
   python main.py --mode=plot --workdir=/tmp/plots --workdirs=/tmp/mutualnet,/tmp/usnet --labels=MutualNet,US-Net
 
 The process restarts itself once under tcmalloc when the machine has it (mutualnet_jax/allocator.py); the modes
@@ -27,7 +28,8 @@ from mutualnet_jax import commands  # noqa: E402  pylint: disable=g-import-not-a
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and tables (plot: where the figure goes).')
 flags.DEFINE_enum('mode', 'train', commands.MODES,
-                  'What to run: train, then calibrate/sweep the trained network, query/plot its table, export one.')
+                  'What to run: train, then calibrate/sweep the trained network, query/plot its table, export one, '
+                  'predict with the budget-adaptive network.')
 flags.DEFINE_float('width', None, 'calibrate/export: the width (calibrate: default every width of the grid).')
 flags.DEFINE_integer('resolution', None, 'calibrate/export: the resolution (calibrate: default every one).')
 flags.DEFINE_list('widths', None, 'sweep: widths to measure (default: the config.sweep_width_step grid over the '
@@ -35,15 +37,22 @@ flags.DEFINE_list('widths', None, 'sweep: widths to measure (default: the config
 flags.DEFINE_list('resolutions', None, 'sweep: resolutions to measure (default: config.resolutions).')
 flags.DEFINE_integer('latency_repeats', 10, 'sweep: most timed calls per latency (median, after a warm-up call; '
                      'stops after 3 calls once 2 s are spent).')
-flags.DEFINE_float('budget_mflops', None, 'query: most millions of multiply-adds per image.')
-flags.DEFINE_float('budget_ms', None, 'query: most milliseconds at batch 1 (on the device the sweep ran on).')
+flags.DEFINE_float('budget_mflops', None, 'query/predict: most millions of multiply-adds per image.')
+flags.DEFINE_float('budget_ms', None, 'query/predict: most milliseconds at batch 1 (on the device the sweep ran on).')
 flags.DEFINE_enum('latency', 'jax', ['jax', 'tflite'], 'query: the runtime --budget_ms bounds (tflite: measured by '
                   '--mode=sweep --tflite_latency).')
 flags.DEFINE_bool('tflite_latency', False, 'sweep: also time each configuration in the TFLite interpreter (about 2 s '
                   'more per configuration), so --latency=tflite queries can target it.')
 flags.DEFINE_bool('batch_latency', False, 'sweep: also time one eval batch per configuration (one more program to '
                   'compile per configuration; the ms@batch column).')
-flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep output: for people or for scripts.')
+flags.DEFINE_string('images', None, 'predict: an .npy of raw images (N, H, W, C) or a folder of image files, all of '
+                    'one size (default: --count images of --split).')
+flags.DEFINE_string('split', None, 'predict: the dataset split to take images and labels from (default: the run\'s '
+                    'eval split).')
+flags.DEFINE_integer('count', None, f'predict: how many images (default: {commands.PREDICT_COUNT} of the split, or '
+                     'all of --images).')
+flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep/predict output: for people or for '
+                  'scripts.')
 flags.DEFINE_list('workdirs', None, 'plot: swept workdirs to overlay, each WORKDIR or WORKDIR@RES (rows at RES only).')
 flags.DEFINE_list('labels', None, 'plot: one label per --workdirs entry; equal labels are pooled.')
 flags.DEFINE_string('out', None, 'export/plot: output path; sweep/calibrate: directory for the table, plot and BN '
@@ -73,7 +82,8 @@ def main(argv):
       resolutions=parse_numbers(FLAGS.resolutions, int, 'resolutions'), latency_repeats=FLAGS.latency_repeats,
       budget_mflops=FLAGS.budget_mflops, budget_ms=FLAGS.budget_ms, format=FLAGS.format, workdirs=FLAGS.workdirs,
       labels=FLAGS.labels, out=FLAGS.out, resume_with_changes=FLAGS.resume_with_changes, overwrite=FLAGS.overwrite,
-      tflite_latency=FLAGS.tflite_latency, batch_latency=FLAGS.batch_latency, latency=FLAGS.latency)
+      tflite_latency=FLAGS.tflite_latency, batch_latency=FLAGS.batch_latency, latency=FLAGS.latency,
+      images=FLAGS.images, split=FLAGS.split, count=FLAGS.count)
   print(commands.run(FLAGS.mode, loaded_config(FLAGS.config), FLAGS.workdir, options))
 
 

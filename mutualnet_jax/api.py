@@ -7,6 +7,8 @@ network of that (width, resolution) that takes raw images.
   net = run.network(row.width, row.resolution)       # narrow parameters + this configuration's BN statistics
   logits = net(images)                               # raw uint8 / [0, 255] images, any size
   path = run.export(row.width, row.resolution)       # the same network on disk; mutualnet_jax.load(path) reads it
+  adaptive = run.adaptive(image_size=28)             # every configuration some budget picks, compiled for batch 1
+  logits = adaptive(images[:1], budget_ms=2)         # the most accurate one within 2 ms; adaptive.last names it
 
 A thin layer over `trained_run` (checkpoint, BN statistics per configuration), `query` (the table) and `export` (the
 narrow network and its preprocessing): what `main.py --mode=query/export` do, as objects. `examples/python_api.py`
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -24,12 +27,13 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mutualnet_jax import checkpointing, export, input_pipeline, query, trained_run, workdir as workdir_lib
+from mutualnet_jax.adaptive import AdaptiveNetwork, held_rows
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.export import ExportedModel, TopK, load
 from mutualnet_jax.preprocess import input_size
 from mutualnet_jax.query import Row
 
-__all__ = ['ExportedModel', 'Row', 'Run', 'TopK', 'UserError', 'load', 'open', 'preprocessing']
+__all__ = ['AdaptiveNetwork', 'ExportedModel', 'Row', 'Run', 'TopK', 'UserError', 'load', 'open', 'preprocessing']
 
 
 def preprocessing(config: ml_collections.ConfigDict, channels: int) -> export.Preprocessing:
@@ -84,6 +88,18 @@ class Run:
       source = {'workdir': os.fspath(self.workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest}
       path = path or export.default_path(self.workdir, net.width, net.resolution)
       return export.save(net, path, self.config.model.to_dict(), source, overwrite=overwrite)
+
+  def adaptive(self, budget_mflops: float | None = None, budget_ms: float | None = None,
+               configurations: Sequence[Row | tuple[float, int]] | None = None, batch_size: int = 1,
+               image_size: int | tuple[int, int] | None = None) -> AdaptiveNetwork:
+    """One network for a changing budget: each call runs the most accurate configuration within that call's budget
+    (default: these budgets). It holds the table's Pareto set by MACs and latency (or `configurations`), each
+    compiled now for batches of `batch_size` raw images of `image_size` (default: the pipeline input size), so a
+    switch compiles nothing."""
+    rows = held_rows(self.table, configurations)
+    with workdir_lib.lock(self.workdir, 'mutualnet_jax.api adaptive', post_training=True):  # it may store statistics
+      networks = [(r, self._network(r.width, r.resolution)) for r in rows]
+    return AdaptiveNetwork(networks, batch_size, image_size, budget_mflops, budget_ms)
 
   def _network(self, width: float, resolution: int) -> ExportedModel:
     width, resolution = trained_run.check_request(self.config, width, resolution)  # before the checkpoint is read

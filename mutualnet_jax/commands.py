@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import statistics
+import time
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -15,8 +18,8 @@ import ml_collections
 from mutualnet_jax import plots, query as query_lib, workdir as workdir_lib
 from mutualnet_jax.errors import UserError
 
-MODES = ('train', 'calibrate', 'sweep', 'query', 'export', 'plot')
-_NEEDS_CONFIG = ('calibrate', 'sweep', 'export')  # default: the config.json that training saved in the workdir
+MODES = ('train', 'calibrate', 'sweep', 'query', 'export', 'predict', 'plot')
+_NEEDS_CONFIG = ('calibrate', 'sweep', 'export', 'predict')  # default: the config.json that training saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,9 @@ class Options:
   tflite_latency: bool = False
   batch_latency: bool = False
   latency: str = 'jax'
+  images: str | None = None
+  split: str | None = None
+  count: int | None = None
 
 
 def _render(options: Options, result: Any, text: str) -> str:
@@ -94,6 +100,90 @@ def export(config: ml_collections.ConfigDict, workdir: str, options: Options) ->
                                               overwrite=options.overwrite))
 
 
+PREDICT_COUNT = 10  # images of the split that --mode=predict runs by default
+_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+
+
+def _read_images(path: str, channels: int) -> Any:
+  """Raw images (N, H, W, C) from an .npy file ((N, H, W) too for one channel) or a folder of image files (sorted
+  by name, converted to the run's channels)."""
+  import numpy as np  # noqa: PLC0415  query and plot start without it
+  if os.path.isdir(path):
+    from PIL import Image  # noqa: PLC0415  (matplotlib's dependency)
+    if channels not in (1, 3):
+      raise UserError(f'a folder of image files gives 1 or 3 channels, but the run takes {channels}: pass an .npy.')
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_SUFFIXES))
+    if not names:
+      raise UserError(f'{path} holds no image files ({", ".join(_IMAGE_SUFFIXES)}).')
+    images = []
+    for name in names:
+      try:
+        with Image.open(os.path.join(path, name)) as image:
+          images.append(np.asarray(image.convert('L' if channels == 1 else 'RGB')))
+      except OSError as e:
+        raise UserError(f'{os.path.join(path, name)} is not a readable image ({" ".join(str(e).split())}).') from None
+    if len({i.shape for i in images}) > 1:
+      raise UserError(f'the images in {path} differ in size: resize them to one size (the adaptive network is '
+                      'compiled for one).')
+    array = np.stack(images)
+  elif path.endswith('.npy'):
+    try:
+      array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path} is not a readable .npy file ({" ".join(str(e).split())}).') from None
+  else:
+    raise UserError(f'--images={path} is neither a folder of image files nor an .npy file.')
+  array = array[..., None] if array.ndim == 3 and channels == 1 else array
+  if array.ndim != 4 or array.shape[-1] != channels or not len(array):
+    raise UserError(f'{path} holds images shaped {array.shape}: expected (N, height, width, {channels}).')
+  return array
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
+  """Runs the run's budget-adaptive network (batch 1) on images of its eval split or of --images: per image the
+  configuration that ran and the predicted class, then top-1 where the split gives labels."""
+  import numpy as np  # noqa: PLC0415  query and plot start without it
+  from mutualnet_jax import api  # noqa: PLC0415  heavy: JAX + TensorFlow
+  if options.budget_mflops is None and options.budget_ms is None:
+    raise UserError('--mode=predict needs a budget: --budget_ms and/or --budget_mflops.')
+  if options.count is not None and options.count < 1:
+    raise UserError(f'--count must be at least 1, got {options.count}.')
+  run = api.open(workdir, config)
+  run.best(options.budget_mflops, options.budget_ms)  # a budget nothing fits fails before anything compiles
+  if options.images:
+    images, labels = _read_images(options.images, run.trained.channels)[:options.count], None
+  else:
+    images, labels = run.examples(options.count or PREDICT_COUNT, options.split)
+    if isinstance(images, list):
+      raise UserError(f'the images of split {options.split or config.eval_split!r} differ in size: the adaptive '
+                      'network is compiled for one; pass --images of one size.')
+  start = time.perf_counter()
+  net = run.adaptive(options.budget_mflops, options.budget_ms, image_size=images.shape[1:3])
+  build_seconds = time.perf_counter() - start
+  records, seconds = [], []
+  for i in range(len(images)):
+    start = time.perf_counter()
+    logits = np.asarray(net(images[i:i + 1]))
+    seconds.append(time.perf_counter() - start)
+    records.append({'image': i, 'width': net.last.width, 'resolution': net.last.resolution,
+                    'predicted': int(logits[0].argmax())})
+    if labels is not None:
+      records[-1]['label'] = int(labels[i])
+  lines = [f"image {r['image']}: width {r['width']:g} at {r['resolution']} px -> class {r['predicted']}"
+           + (f" (label {r['label']})" if 'label' in r else '') for r in records]
+  summary = {'budget_mflops': options.budget_mflops, 'budget_ms': options.budget_ms, 'images': len(records),
+             'configurations_held': len(net.configurations), 'build_seconds': build_seconds,
+             'median_call_ms': 1e3 * statistics.median(seconds), 'predictions': records}
+  lines.append(f'{len(records)} images, the most accurate of {len(net.configurations)} configurations within the '
+               f'budget: {query_lib.describe(net.last)} (all {len(net.configurations)} built and compiled in '
+               f"{build_seconds:.1f} s; median call {summary['median_call_ms']:.3g} ms here)")
+  if labels is not None:
+    correct = sum(r['predicted'] == r['label'] for r in records)
+    summary['top1'] = correct / len(records)
+    lines.append(f'top-1 on these images: {summary["top1"]:.2%} ({correct}/{len(records)})')
+  return _render(options, summary, '\n'.join(lines))
+
+
 def plot(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:
   del config
   out = options.out or f'{workdir}/{plots.OVERLAY_NAME if options.workdirs else plots.PLOT_NAME}'
@@ -101,7 +191,8 @@ def plot(config: ml_collections.ConfigDict | None, workdir: str, options: Option
 
 
 _FUNCTIONS: dict[str, Callable[[Any, str, Options], str]] = {
-    'train': train, 'calibrate': calibrate, 'sweep': sweep, 'query': query, 'export': export, 'plot': plot}
+    'train': train, 'calibrate': calibrate, 'sweep': sweep, 'query': query, 'export': export,
+    'predict': predict, 'plot': plot}
 
 
 def run(mode: str, config: ml_collections.ConfigDict | None, workdir: str, options: Options = Options()) -> str:
