@@ -13,26 +13,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mutualnet_jax import config_fields
 from mutualnet_jax import workdir as workdir_lib
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.workdir import CHECKPOINT_DIR, DAMAGED_DIR, absolute
-
-# Model settings that change the parameter tree; `fingerprint` adds what the weights were trained for.
-_FINGERPRINT_FIELDS = ('name', 'max_width', 'num_classes', 'num_downsample')
 
 
 def fingerprint(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
   """What a checkpoint must match to be resumed or measured (JSON types, as it is stored in the metadata): the
   parameter tree, and what the weights were trained for, so resuming or sweeping under other settings cannot
-  silently train or measure a different network (an untrained slice, other widths or resolutions)."""
-  if config.method == 'independent':
-    trained = {'independent_width': float(config.independent_width),
-               'independent_resolution': int(config.independent_resolution)}
-  else:
-    trained = {'width_range': [float(w) for w in config.width_range],
-               'resolutions': sorted({int(r) for r in config.resolutions}, reverse=True)}
-  return {**{k: config.model[k] for k in _FINGERPRINT_FIELDS}, 'channels': channels, 'method': config.method,
-          **trained}
+  silently train or measure a different network (an untrained slice, other widths or resolutions). The fields are
+  those declared so in `config_fields.FIELDS`, keyed by their last name part, plus the input channels."""
+  record = {name.rsplit('.', 1)[-1]: field.fingerprint.canonical(config_fields.value(config, name))
+            for name, field in config_fields.FIELDS.items() if field.fingerprint and field.fingerprint.applies(config)}
+  return {**record, 'channels': channels}
 
 
 class DamagedCheckpoint(UserError):

@@ -23,7 +23,6 @@ from mutualnet_jax.preprocess import input_size
 
 Batch = dict[str, np.ndarray]
 
-AUGMENTATIONS = ('imagenet', 'random_resized_crop', 'small', 'none')
 _IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _MEAN_STD = {  # per-channel mean and std of the training images, in [0, 1] units
     'fashion_mnist_local': ((0.2860,), (0.3530,)),
@@ -317,8 +316,6 @@ class _Source:
 
 
 def _load(config: ml_collections.ConfigDict) -> _Source:
-  if config.augmentation not in AUGMENTATIONS:
-    raise UserError(f'config.augmentation={config.augmentation!r} is not one of {AUGMENTATIONS}: pick one.')
   source = _Source(_load_builder(config), config)
   features = source.builder.info.features
   if not {'image', 'label'} <= set(features.keys()):

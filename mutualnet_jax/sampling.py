@@ -23,7 +23,6 @@ from mutualnet_jax import slim
 from mutualnet_jax.errors import UserError
 
 METHODS = ('mutualnet', 'usnet', 'independent')
-WIDTH_SAMPLING = ('uniform', 'grid')
 _STREAM = 0x5A4D  # keeps the sampler's random stream apart from anything else seeded by config.seed
 
 
@@ -60,9 +59,10 @@ class StepPlan:
 
 
 def check_capacities(capacities: Sequence[float], width_range: Sequence[float], max_width: float) -> tuple[float, ...]:
-  """Sorted capacities; each within (0, max_width], the largest covering the trained range (or none at all)."""
+  """Sorted capacities (each > 0 by its declaration); none above max_width, the largest covering the trained range
+  (or none at all)."""
   caps = tuple(sorted({round(float(c), 6) for c in capacities}))
-  if caps and (caps[0] <= 0 or caps[-1] > max_width + 1e-6):
+  if caps and caps[-1] > max_width + 1e-6:
     raise UserError(f'config.capacities={tuple(capacities)} must lie in (0, model.max_width={max_width}].')
   if caps and caps[-1] < float(width_range[1]) - 1e-6:
     raise UserError(f'config.capacities={tuple(capacities)} must include a capacity >= the max width '
@@ -77,28 +77,20 @@ class Sampler:
     resolution drawn uniformly from the set (the highest included).
   usnet: the same sandwich of widths, every one at the highest resolution.
   independent: one fixed (width, resolution), trained with labels.
+
+  Each field's own type and range are checked by its declaration (config_fields, run by config_check); the sampler
+  checks what only it knows: method names, and widths and capacities against the model's max width.
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.method = config.method
     if self.method not in METHODS:
       raise UserError(f'unknown method {self.method!r}: choose one of {METHODS} (config.method).')
-    resolutions = tuple(int(r) for r in config.resolutions)
-    if not resolutions:
-      raise UserError('config.resolutions is empty: give at least one input resolution, e.g. (224, 192, 160, 128).')
-    if min(resolutions) <= 0:
-      raise UserError(f'config.resolutions must be positive, got {resolutions}.')
-    if len(config.width_range) != 2:
-      raise UserError(f'config.width_range must be (min, max), got {tuple(config.width_range)}.')
     min_w, max_w = (float(w) for w in config.width_range)
-    if not 0 < min_w <= max_w:
-      raise UserError(f'config.width_range must be (min, max) with 0 < min <= max, got {tuple(config.width_range)}.')
     if max_w > config.model.max_width + 1e-6:
       raise UserError(f'config.width_range max {max_w} exceeds model.max_width {config.model.max_width}: '
                       'raise model.max_width or lower the range.')
     self.sampling = config.width_sampling
-    if self.sampling not in WIDTH_SAMPLING:
-      raise UserError(f'config.width_sampling={self.sampling!r} is not one of {WIDTH_SAMPLING}.')
     self.seed = int(config.seed)
     self.min_width, self.max_width = slim.check_width(min_w, max_w), slim.check_width(max_w, max_w)
     self.grid = slim.width_grid(min_w, max_w, config.width_step)
@@ -106,7 +98,7 @@ class Sampler:
     if self.sampling == 'uniform' and not self.capacities and self.method != 'independent':
       raise UserError("width_sampling='uniform' draws unboundedly many widths: give config.capacities (e.g. "
                       "(0.5, 0.75, 1.0)) or use width_sampling='grid'.")
-    self.resolutions = tuple(sorted(set(resolutions), reverse=True))
+    self.resolutions = tuple(sorted({int(r) for r in config.resolutions}, reverse=True))
     self.max_resolution = self.resolutions[0]
     self.num_subnets = int(config.num_subnets)
     if self.method != 'independent' and self.num_subnets < 2:

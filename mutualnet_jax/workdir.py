@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator
 import ml_collections
 from etils import epath
 
+from mutualnet_jax import config_fields
+from mutualnet_jax.config_fields import Resume
 from mutualnet_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -180,19 +182,8 @@ def bookkeeping(workdir: str) -> dict[str, Any]:
   return {k: data[k] for k in (HISTORY_KEY, DIVERGED_KEY) if k in data}
 
 
-# Fields that change neither the trained function nor the data order, schedule or sampled sub-networks: free to
-# change when resuming (where the data is, how often to log/save/evaluate, post-training settings).
-FREE_TO_CHANGE = frozenset({
-    'data_dir', 'manual_dir', 'steps_per_run', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-    'eval_every_steps', 'eval_batch_size', 'eval_calibration_images', 'calibration_images', 'calibration_batch_size',
-    'compilation_cache_dir', 'precompile', 'profile_steps', 'sweep_width_step', 'eval_split', 'model.conv_impl',
-    'init_from', 'init_classifier'})  # a resumed run never reads init_from: its own checkpoint wins
-# Optimisation settings a run that diverged may change without --resume_with_changes (the fix for a divergence).
-OPTIMISER_FIELDS = frozenset({'learning_rate', 'warmup_epochs', 'momentum', 'nesterov', 'weight_decay',
-                              'weight_decay_params', 'label_smoothing'})
-# What a field missing from an older config.json meant in the code that wrote it.
-LEGACY_VALUES = {'width_sampling': 'grid', 'capacities': (), 'color_jitter': 0.0, 'lighting': 0.0, 'mean': (),
-                 'std': (), 'init_from': '', 'profile_steps': 0, 'weight_decay_params': 'kernels'}
+# Optimisation settings a run that diverged may change without --resume_with_changes (read by train.py).
+OPTIMISER_FIELDS = config_fields.resume_fields(Resume.OPTIMISER)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -206,12 +197,13 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def config_changes(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """{field: (saved value, current value)} for every field whose change would make a resumed run another run."""
+  """{field: (saved value, current value)} for every field whose change would make a resumed run another run (its
+  declared resume policy; a field missing from an older config.json has its declared legacy value)."""
   old, new = _flatten(_tuples(saved.to_dict())), _flatten(_tuples(current.to_dict()))
   changes = {}
   for field, value in new.items():
-    before = old.get(field, LEGACY_VALUES.get(field, value))
-    if field not in FREE_TO_CHANGE and before != value:
+    before = old.get(field, config_fields.legacy_value(field, value))
+    if config_fields.resume_policy(field) is not Resume.FREE and before != value:
       changes[field] = (before, value)
   return changes
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mutualnet_jax import config_fields
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models.base import NON_ARCHITECTURE_FIELDS, SlimmableModel
 from mutualnet_jax.models.mobilenet_v1 import MobileNetV1
@@ -19,20 +20,18 @@ from mutualnet_jax.models.vgg import VGG16
 # The one list of backbones: training, sweeps, export, profiling and fine-tuning find them here.
 MODELS: dict[str, type[SlimmableModel]] = {'mobilenet_v1': MobileNetV1, 'mobilenet_v2': MobileNetV2,
                                            'resnet50': ResNet50, 'vgg16': VGG16, 'tiny_convnet': TinyConvNet}
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = {name: getattr(jnp, name) for name in config_fields.DTYPES}
 
 
 def get_model(model_config: ml_collections.ConfigDict | Mapping[str, Any], *, bn_groups: int = 1) -> SlimmableModel:
-  """Builds the backbone named by `model_config.name` with the rest of the fields as settings."""
+  """Builds the backbone named by `model_config.name` with the rest of the fields as settings. The registry checks
+  the names (of the model and of its settings); each field's own value is checked by its declaration
+  (config_fields, run by config_check)."""
   fields = dict(model_config)
   name = fields.pop('name')
   if name not in MODELS:
     raise UserError(f'unknown model {name!r}: choose one of {sorted(MODELS)} (config.model.name).')
   dtype = fields.pop('dtype', 'float32')
-  if dtype not in DTYPES:
-    raise UserError(f'unknown model dtype {dtype!r}: choose one of {sorted(DTYPES)} (config.model.dtype).')
-  if fields.get('max_width', 1.0) <= 0:
-    raise UserError(f"model.max_width must be > 0, got {fields['max_width']}.")
   unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(MODELS[name])})
   if unknown:
     raise UserError(f'{name} has no setting {", ".join(unknown)}: remove config.model.{unknown[0]}.')
