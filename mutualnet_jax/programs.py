@@ -10,6 +10,7 @@ compiles (lazily, or ahead of time in threads: XLA compiles outside the GIL) and
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import threading
 import time
@@ -22,7 +23,17 @@ from jax.sharding import Mesh
 
 from mutualnet_jax import parallel, slim
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.sampling import Bucket
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+  """What one compiled sub-network program is specialised to. `masked`: `width` is a capacity and the real width's
+  channel counts arrive at run time; otherwise the program is the exact sub-network of `width`."""
+  width: float
+  resolution: int
+  loss: str = ''  # training: 'ce' (labels) | 'kd' (the teacher's prediction); '' elsewhere
+  masked: bool = False
+
 
 Key = tuple[Bucket, Hashable]
 is_layer = lambda x: isinstance(x, Mapping) and 'mean' in x  # noqa: E731  a BN layer's statistics

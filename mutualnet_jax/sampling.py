@@ -21,19 +21,10 @@ import numpy as np
 
 from mutualnet_jax import slim
 from mutualnet_jax.errors import UserError
+from mutualnet_jax.programs import Bucket, bucket_for
 
 METHODS = ('mutualnet', 'usnet', 'independent')
 _STREAM = 0x5A4D  # keeps the sampler's random stream apart from anything else seeded by config.seed
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Bucket:
-  """What one compiled sub-network program is specialised to. `masked`: `width` is a capacity and the real width's
-  channel counts arrive at run time; otherwise the program is the exact sub-network of `width`."""
-  width: float
-  resolution: int
-  loss: str  # 'ce' (labels) | 'kd' (the teacher's prediction)
-  masked: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +129,7 @@ class Sampler:
     """The program a sub-network runs in: exact for the max and min widths (and for every width when no capacity
     holds it), else the capacity path."""
     exact = subnet.width in (self.min_width, self.max_width) or self.fixed is not None
-    capacity = None if exact else slim.capacity_for(subnet.width, self.capacities)
-    if capacity is None:
-      return Bucket(subnet.width, subnet.resolution, subnet.loss)
-    return Bucket(capacity, subnet.resolution, subnet.loss, masked=True)
+    return bucket_for(subnet.width, subnet.resolution, self.capacities, loss=subnet.loss, exact=exact)
 
   def buckets(self) -> list[Bucket]:
     """Every bucket `plan` can lead to, teacher first: what an ahead-of-time compile must cover."""

@@ -7,7 +7,8 @@ import pytest
 
 from configs import default, mobilenet_v1_imagenet, mobilenet_v1_wide_imagenet
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.sampling import Bucket, Sampler, StepPlan, Subnet
+from mutualnet_jax.programs import Bucket
+from mutualnet_jax.sampling import Sampler, StepPlan, Subnet
 from tests.util import tiny_config
 
 STEPS = 400
