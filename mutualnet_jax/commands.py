@@ -60,7 +60,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, options: Options) -> 
   text = f"Trained to step {summary['step']} of {summary['total_steps']} in {summary['wall_seconds']:.0f} s"
   if summary.get('stopped_by'):
     return f"{text} (stopped by {summary['stopped_by']}; the same command resumes)."
-  return text + '.'
+  if summary['step'] < summary['total_steps']:
+    return f'{text}; the same command continues.'
+  return (f'{text}.\nNext: python main.py --mode=sweep --workdir={workdir}   '
+          '(BN calibration, accuracy, MACs and latency of every width x resolution)')
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:

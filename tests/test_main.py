@@ -146,6 +146,7 @@ def test_relative_workdir_trains_checkpoints_and_resumes(fashion_data_dir, tmp_p
   first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / 'runs' / 'x' / 'checkpoints')) == ['1', '2']
+  assert first.stdout.splitlines()[-1].startswith('Next: python main.py --mode=sweep --workdir=runs/x ')
   again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and 'Resumed from step 2.' in again.stderr, again.stderr[-3000:]
 
