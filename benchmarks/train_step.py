@@ -3,6 +3,8 @@
   python benchmarks/train_step.py                                # both settings: this project (tcmalloc) vs PyTorch
   python benchmarks/train_step.py --variants=tcmalloc,glibc,pure_jax --settings=small
   python benchmarks/train_step.py --quick                        # small setting, 2 timed steps: a smoke run
+  python benchmarks/train_step.py --repeats=3                    # 3 interleaved rounds (peer, project, ...): medians
+  python benchmarks/train_step.py --repeats=3 --other=../before  # also another checkout's step, interleaved
 
 Settings (fixed buckets, so every run times the same work; presets of ../shared/peers/torch_mutualnet_step.py):
   paper: MobileNet v1, ImageNet shape, batch 32, buckets (1.0,224) (0.25,128) (0.5,160) (0.75,192)
@@ -52,6 +54,10 @@ flags.DEFINE_string('peer', os.path.join(os.path.dirname(REPO), 'shared', 'peers
                     'The PyTorch peer script; skipped with a message when it or torch is missing.')
 flags.DEFINE_string('peer_python', sys.executable, 'Python interpreter with torch for the peer.')
 flags.DEFINE_float('peer_min_time', 20.0, 'Seconds the peer times its step for.')
+flags.DEFINE_integer('repeats', 1, 'Rounds, interleaved (peer, then each variant, per round): the table reports each '
+                     "row's median over the rounds and its spread; one noisy run cannot decide a ratio.")
+flags.DEFINE_string('other', '', 'Another checkout of this project (a directory): its step is timed as variant '
+                    "'other' in every round, under tcmalloc, beside this one's (before/after comparisons).")
 flags.DEFINE_bool('quick', False, 'Small setting, tcmalloc, 2 timed steps, no peer: a smoke run.')
 flags.DEFINE_string('worker', '', 'Internal: run one setting in this process and print JSON.')
 common.define_common_flags()
@@ -132,6 +138,45 @@ def run_peer(setting: str) -> dict | None:
           'peak_rss_gib': peer['peak_rss_mib'] / 1024, 'step_s': peer['step_ms'] / 1e3}
 
 
+def run_variant(setting: str, variant: str, steps: int, lib: str | None) -> dict | None:
+  """One (setting, variant) in its own worker process (this checkout's, or --other's for variant 'other')."""
+  choice, extra = VARIANTS.get(variant, VARIANTS['tcmalloc'])
+  if choice == 'tcmalloc' and lib is None:
+    print(f'skipping {variant}: tcmalloc is not installed (apt-get install libgoogle-perftools4)')
+    return None
+  env = {**(malloc.environment(choice, os.environ, lib) or dict(os.environ)), **extra}
+  root = os.path.abspath(FLAGS.other) if variant == 'other' else REPO
+  cmd = [sys.executable, os.path.join(root, 'benchmarks', 'train_step.py'), f'--worker={setting}', f'--steps={steps}',
+         f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
+  out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
+  lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
+  if out.returncode or not lines:
+    raise RuntimeError(f'{setting}/{variant} failed:\n{out.stderr[-3000:]}')
+  return {**json.loads(lines[-1][len('RESULT '):]), 'variant': variant}
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+  """Per (setting, variant): the round with the median img/s, its ratios replaced by the medians of the per-round
+  ratios (each measured against the peer of its own round), plus the img/s and ratio spreads over the rounds."""
+  by_key: dict[tuple[str, str], list[dict]] = {}
+  for rows in rounds:
+    for row in rows:
+      by_key.setdefault((row['setting'], row['variant']), []).append(row)
+  out = []
+  for group in by_key.values():
+    group = sorted(group, key=lambda r: r['img_per_s'])
+    row = dict(group[len(group) // 2])
+    row['rounds'] = len(group)
+    row['img_per_s_spread'] = f"{group[0]['img_per_s']:.1f}-{group[-1]['img_per_s']:.1f}"
+    for key in ('vs_peer', 'rss_vs_peer', 'peak_rss_gib'):
+      values = sorted(r[key] for r in group if key in r)
+      if values:
+        row[key] = values[len(values) // 2]
+        row[f'{key}_spread'] = f'{values[0]:.2f}-{values[-1]:.2f}'
+    out.append(row)
+  return out
+
+
 def main(argv):
   del argv
   if FLAGS.worker:
@@ -140,40 +185,38 @@ def main(argv):
   settings, variants, steps, with_peer = FLAGS.settings, FLAGS.variants, FLAGS.steps, True
   if FLAGS.quick:
     settings, variants, steps, with_peer = ['small'], ['tcmalloc'], 2, False
-  rows, lib = [], malloc.find_tcmalloc()
+  lib = malloc.find_tcmalloc()
+  rounds = [[] for _ in range(FLAGS.repeats)]
   for setting in settings:
-    peer = run_peer(setting) if with_peer else None
-    for variant in variants:
-      choice, extra = VARIANTS[variant]
-      if choice == 'tcmalloc' and lib is None:
-        print(f'skipping {variant}: tcmalloc is not installed (apt-get install libgoogle-perftools4)')
-        continue
-      env = {**(malloc.environment(choice, os.environ, lib) or dict(os.environ)), **extra}
-      cmd = [sys.executable, os.path.abspath(__file__), f'--worker={setting}', f'--steps={steps}',
-             f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
-      out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-      lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
-      if out.returncode or not lines:
-        raise RuntimeError(f'{setting}/{variant} failed:\n{out.stderr[-3000:]}')
-      row = {**json.loads(lines[-1][len('RESULT '):]), 'variant': variant}
+    for rows in rounds:  # interleaved: each round times the peer and every variant once
+      peer = run_peer(setting) if with_peer else None
+      for variant in variants + (['other'] if FLAGS.other else []):
+        row = run_variant(setting, variant, steps, lib)
+        if row is None:
+          continue
+        if peer:
+          row['vs_peer'] = row['img_per_s'] / peer['img_per_s']
+          row['rss_vs_peer'] = row['peak_rss_gib'] / peer['peak_rss_gib']
+        rows.append(row)
       if peer:
-        row['vs_peer'] = row['img_per_s'] / peer['img_per_s']
-        row['rss_vs_peer'] = row['peak_rss_gib'] / peer['peak_rss_gib']
-      rows.append(row)
-    if peer:
-      rows.append(peer)
+        rows.append(peer)
+  rows = median_rows(rounds)
   print(common.format_table(rows, [
       ('setting', 'setting', 's'), ('variant', 'variant', 's'), ('img_per_s', 'img/s', '.1f'),
-      ('vs_peer', 'x peer', '.2f'), ('ceiling_frac', 'of ceiling', '.0%'), ('compile_cold_s', 'compile cold s', '.1f'),
-      ('compile_warm_s', 'compile warm s', '.1f'), ('peak_rss_gib', 'peak RSS GiB', '.2f'),
-      ('stepping_rss_gib', 'RSS stepping', '.2f'), ('rss_vs_peer', 'peak x peer', '.2f')]))
-  ceilings = ', '.join(f"{r['setting']}/{r['variant']}: {r['ceiling_gflops']:.0f}" for r in rows if 'ceiling_gflops' in r)
+      ('img_per_s_spread', 'img/s spread', 's'), ('vs_peer', 'x peer', '.2f'),
+      ('vs_peer_spread', 'x peer spread', 's'), ('ceiling_frac', 'of ceiling', '.0%'),
+      ('compile_cold_s', 'compile cold s', '.1f'), ('compile_warm_s', 'compile warm s', '.1f'),
+      ('peak_rss_gib', 'peak RSS GiB', '.2f'), ('stepping_rss_gib', 'RSS stepping', '.2f'),
+      ('rss_vs_peer', 'peak x peer', '.2f')]))
+  ceilings = ', '.join(f"{r['setting']}/{r['variant']}: {r['ceiling_gflops']:.0f}" for r in rows
+                       if 'ceiling_gflops' in r)
   print('matmul ceiling GFLOP/s:', ceilings)
   for r in rows:
     if 'vs_peer' in r:
       print(f"{r['setting']}/{r['variant']}: {r['vs_peer']:.2f}x the peer's img/s (floor 1.0x, goal 1.5x), peak "
             f"memory {r['rss_vs_peer']:.2f}x the peer's (target <= 1.5x)")
-  print('wrote', common.write_result('train_step', {'rows': rows}, FLAGS.out))
+  print('wrote', common.write_result('train_step', {'rows': rows, 'repeats': FLAGS.repeats,
+                                                    'rounds': rounds}, FLAGS.out))
 
 
 if __name__ == '__main__':
