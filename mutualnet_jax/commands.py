@@ -1,8 +1,8 @@
 """What each `main.py --mode` does, as functions that return the text to print (so tests reach them without a
 subprocess). main.py only parses flags, picks the allocator and dispatches here.
 
-Modes that need JAX or TensorFlow import them when they run: `--mode=query` and `--mode=plot` read a table and
-must start in well under a second, without loading either (the heavy modules are imported lazily on purpose).
+Modes import what they need when they run: `--mode=query` reads a table and must start in well under a second, so
+importing this module loads neither JAX, TensorFlow nor matplotlib; `--mode=plot` loads only matplotlib.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from mutualnet_jax import plots, query as query_lib, workdir as workdir_lib
+from mutualnet_jax import query as query_lib, workdir as workdir_lib
 from mutualnet_jax.errors import UserError
 
 MODES = ('train', 'calibrate', 'sweep', 'query', 'export', 'predict', 'plot')
@@ -189,6 +189,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, options: Options) -
 
 def plot(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:
   del config
+  from mutualnet_jax import plots  # noqa: PLC0415  matplotlib: only the modes that draw load it
   out = options.out or f'{workdir}/{plots.OVERLAY_NAME if options.workdirs else plots.PLOT_NAME}'
   return str(plots.from_workdirs(options.workdirs or [workdir], options.labels, out))
 

@@ -122,11 +122,23 @@ def test_missing_or_damaged_csv_is_one_clear_error(tmp_path):
     query.read_csv(str(tmp_path / 'bad.csv'))
 
 
-def test_query_and_plots_import_neither_jax_nor_tensorflow():
-  code = ('import sys; from mutualnet_jax import commands, plots, query; '
-          'print(sorted(m for m in ("jax", "tensorflow") if m in sys.modules))')
+def _loaded_after(code: str) -> list[str]:
+  """The heavy modules a fresh interpreter holds after running `code`."""
+  code += '; import sys; print(sorted(m for m in ("jax", "tensorflow", "matplotlib") if m in sys.modules))'
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == '[]'
+  return json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+
+def test_query_and_plots_import_neither_jax_nor_tensorflow():
+  assert _loaded_after('from mutualnet_jax import commands, plots, query') == ['matplotlib']
+
+
+def test_the_query_mode_loads_neither_jax_tensorflow_nor_matplotlib(tmp_path):
+  query.write_table(TABLE, str(tmp_path), {})
+  budget = 'commands.Options(budget_mflops=60, format="json")'
+  code = (f'from mutualnet_jax import commands; print(commands.run("query", None, {str(tmp_path)!r}))'
+          f'; print(commands.run("query", None, {str(tmp_path)!r}, {budget}))')
+  assert _loaded_after(code) == []
 
 
 def test_the_tflite_latency_column_is_optional_and_queryable(tmp_path):
