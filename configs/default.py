@@ -70,9 +70,8 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.num_train_steps = -1         # > 0 overrides num_epochs
   config.steps_per_run = -1           # > 0: save and exit after this many steps; the same command continues
   config.learning_rate = 0.1
-  # A short linear warm-up: without it the first ~50 steps diverge (full-network loss 4.5 at step 50). Quickstart,
-  # one seed each: top-1 at width 1.0 / 0.25 was 69.7 / 41.3 % without, 74.8 / 68.9 % with 0.1 epoch at lr 0.1, and
-  # 70.2 / 60.8 % with 0.1 epoch at lr 0.05.
+  # A short linear warm-up: without it the first steps diverge (this network's first gradients are ill-conditioned;
+  # README "Quickstart results" has the runs with and without it).
   config.warmup_epochs = 0.1
   config.momentum = 0.9
   config.nesterov = True

@@ -3,9 +3,10 @@
 XLA:CPU writes a fresh output buffer for every op of a step. With glibc's malloc those buffers are returned to the
 kernel and every page is faulted in again on the next call; tcmalloc keeps them: a faster step for more resident
 memory (benchmarks/train_step.py measures both, README "Benchmarks"). tcmalloc runs with TCMALLOC_RELEASE_RATE=10
-(unless set): it hands idle pages back ten times as fast as its default, which cut the peak memory of the paper
-setting by a quarter at the same speed. On GPU/TPU hosts tcmalloc is the usual choice too (TPU VM images preload it).
-The allocator is read when the process starts, so `use` re-executes the program once with `LD_PRELOAD` set.
+(unless set): it hands idle pages back ten times as fast as its default, which lowers the peak memory of the paper
+setting at the same speed (README "Benchmarks", the lever table). On GPU/TPU hosts tcmalloc is the usual choice too
+(TPU VM images preload it). The allocator is read when the process starts, so `use` re-executes the program once
+with `LD_PRELOAD` set.
 
 MUTUALNET_MALLOC: 'auto' (default: tcmalloc if installed, else the system allocator), 'tcmalloc' (required),
 'system' (glibc's malloc: an inherited tcmalloc preload is removed), 'hugepages' (glibc on transparent huge pages,

@@ -10,7 +10,8 @@ import jax
 
 
 def enable_cache(directory: str) -> None:
-  """JAX's persistent compilation cache: a bucket compiled by an earlier run (or process) loads in ~0.3 s."""
+  """JAX's persistent compilation cache: a bucket compiled by an earlier run (or process) is loaded, not compiled
+  again (README "Quickstart results" gives the cold-cache compile times this saves)."""
   if directory:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

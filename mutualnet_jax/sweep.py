@@ -2,9 +2,10 @@
 
 For each configuration the sweep takes BN statistics from the store (calibrating the missing ones), evaluates
 top-1/top-5 on the eval split (one compiled function per bucket, sharded over all devices), reads MACs and parameters
-off the model, and times the exported fixed-width network on one device (batch 1 and the eval batch). The table goes
-to `workdir/query_table.{csv,json}`, or to --out for a read-only workdir (`mutualnet_jax.query` reads and queries
-it). The sweep takes the post-training lock only: it may run while the workdir's training goes on.
+off the model, and times the exported fixed-width network on one device at batch 1 (the eval batch too with
+--batch_latency, the TFLite interpreter with --tflite_latency). The table goes to `workdir/query_table.{csv,json}`,
+or to --out for a read-only workdir (`mutualnet_jax.query` reads and queries it). The sweep takes the post-training
+lock only: it may run while the workdir's training goes on.
 """
 from __future__ import annotations
 

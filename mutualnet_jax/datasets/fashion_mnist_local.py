@@ -78,8 +78,8 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def _png(image: np.ndarray) -> bytes:
-  """PNG bytes of one 8-bit grayscale image, written directly: 2x faster than PIL and 6x faster than TFDS's own
-  TF-graph encoder, which is most of the preparation time."""
+  """PNG bytes of one 8-bit grayscale image, written directly: encoding is most of the preparation time, and this
+  skips the per-image overhead of PIL and of TFDS's own TF-graph encoder."""
   height, width = image.shape
   rows = np.concatenate([np.zeros((height, 1), np.uint8), image], axis=1)  # filter type 0 before every row
   header = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
