@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mutualnet_jax import query
+from mutualnet_jax import query, slim
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.export import ExportedModel
 from mutualnet_jax.query import Row
@@ -70,7 +70,7 @@ def held_rows(table: Sequence[Row], configurations: Sequence[Row | tuple[float, 
 
 
 def _key(width: float, resolution: int) -> tuple[float, int]:
-  return round(float(width), 6), int(resolution)
+  return slim.canonical_width(width), int(resolution)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from absl import logging
 
 from mutualnet_jax import config_fields
 from mutualnet_jax import workdir as workdir_lib
-from mutualnet_jax.errors import UserError
+from mutualnet_jax.errors import UserError, reason
 from mutualnet_jax.workdir import CHECKPOINT_DIR, DAMAGED_DIR, absolute
 
 
@@ -40,6 +40,22 @@ def all_finite(tree: Any) -> bool:
   return bool(np.all(jax.device_get(leaves))) if leaves else True
 
 
+_READ_ONLY_NOTICES = ('Given directory is read only', 'CheckpointManagerOptions.read_only=True')
+
+
+def _read_only_options() -> ocp.CheckpointManagerOptions:
+  """Options of a manager that only reads (post-training, beside a training that writes). Orbax warns that such a
+  manager is read-only, which is what this module asks for: those notices are dropped (`_not_a_read_only_notice`)."""
+  return ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+
+
+def _not_a_read_only_notice(record: Any) -> bool:
+  return not str(record.msg).startswith(_READ_ONLY_NOTICES)
+
+
+logging.get_absl_logger().addFilter(_not_a_read_only_notice)
+
+
 class Checkpoints:
   """Keeps the last `keep` checkpoints of `workdir`; saves are asynchronous and atomic (a save killed midway leaves
   only a temporary directory that is never restored). A context manager: leaving it waits for the last save.
@@ -51,7 +67,7 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int, expected: dict[str, Any], read_only: bool = False):
     self.directory = absolute(workdir) / CHECKPOINT_DIR
     self.expected, self.read_only = expected, read_only
-    options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+    options = (_read_only_options() if read_only else
                ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
     try:
       self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
@@ -123,8 +139,8 @@ class Checkpoints:
     where = self.directory / str(step)
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # orbax raises many types for a damaged directory
-      raise DamagedCheckpoint(f'checkpoint {where} is unreadable ({type(e).__name__})') from e
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+      raise DamagedCheckpoint(f'checkpoint {where} is unreadable ({reason(e)})') from e
     found = meta.get('fingerprint') or {}
     if found != self.expected:
       keys = sorted(self.expected.keys() | found.keys())
@@ -136,9 +152,8 @@ class Checkpoints:
                       f'--workdir, or {hint}.')
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # orbax/tensorstore raise many types for damaged array files
-      detail = str(e).splitlines()[0][:160] if str(e) else ''
-      raise DamagedCheckpoint(f'checkpoint {where} does not restore ({type(e).__name__}: {detail})') from e
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+      raise DamagedCheckpoint(f'checkpoint {where} does not restore ({reason(e)})') from e
     return restored['state'], meta
 
   def close(self) -> None:
@@ -158,7 +173,7 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
   if not directory.exists():
     return None
   manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=_read_only_options())
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:

@@ -228,7 +228,7 @@ def _check_width_range(state: Mapping[str, np.ndarray], mapping: KeyMap, min_wid
   if not fits:
     raise UserError(f'{path}: its BN layers track channel counts that no width gives: convert only the official '
                     'MobileNet v1/v2 models.')
-  guess = next((w for w in fits if abs(20 * w - round(20 * w)) < 1e-6), fits[0])  # the grids are multiples of 0.05
+  guess = next((w for w in fits if abs(20 * w - round(20 * w)) < slim.WIDTH_TOL), fits[0])  # grids step by 0.05
   raise UserError(f'{path} was trained down to width {guess:g} (the smallest width its BN layers track; '
                   f'{fits[0]:g}-{fits[-1]:g} have the same channels), not config.width_range[0]={min_width:g}: set '
                   f'--config.width_range=({guess:g},{max_width:g}).')

@@ -52,10 +52,10 @@ class StepPlan:
 def check_capacities(capacities: Sequence[float], width_range: Sequence[float], max_width: float) -> tuple[float, ...]:
   """Sorted capacities (each > 0 by its declaration); none above max_width, the largest covering the trained range
   (or none at all)."""
-  caps = tuple(sorted({round(float(c), 6) for c in capacities}))
-  if caps and caps[-1] > max_width + 1e-6:
+  caps = tuple(sorted({slim.canonical_width(c) for c in capacities}))
+  if caps and caps[-1] > max_width + slim.WIDTH_TOL:
     raise UserError(f'config.capacities={tuple(capacities)} must lie in (0, model.max_width={max_width}].')
-  if caps and caps[-1] < float(width_range[1]) - 1e-6:
+  if caps and caps[-1] < float(width_range[1]) - slim.WIDTH_TOL:
     raise UserError(f'config.capacities={tuple(capacities)} must include a capacity >= the max width '
                     f'{width_range[1]} (or be empty: every width exact).')
   return caps
@@ -78,7 +78,7 @@ class Sampler:
     if self.method not in METHODS:
       raise UserError(f'unknown method {self.method!r}: choose one of {METHODS} (config.method).')
     min_w, max_w = (float(w) for w in config.width_range)
-    if max_w > config.model.max_width + 1e-6:
+    if max_w > config.model.max_width + slim.WIDTH_TOL:
       raise UserError(f'config.width_range max {max_w} exceeds model.max_width {config.model.max_width}: '
                       'raise model.max_width or lower the range.')
     self.sampling = config.width_sampling
@@ -139,7 +139,7 @@ class Sampler:
       widths = set(self.grid[1:-1] or self.grid)
     else:  # a representative width inside each capacity interval that uniform draws can reach
       bounds = (self.min_width,) + tuple(c for c in self.capacities if c > self.min_width)
-      widths = {round((lo + hi) / 2, 6) for lo, hi in zip(bounds, bounds[1:])} or {self.max_width}
+      widths = {slim.canonical_width((lo + hi) / 2) for lo, hi in zip(bounds, bounds[1:])} or {self.max_width}
     students = {self.bucket(Subnet('', w, r, self.student_loss))
                 for w in widths | {self.min_width} for r in self.student_resolutions}
     return [self.bucket(self.teacher)] + sorted(students)

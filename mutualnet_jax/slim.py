@@ -26,7 +26,10 @@ from mutualnet_jax.errors import UserError
 
 CONV_IMPLS = ('xla', 'cpu_fast', 'auto')
 BN_EPSILON = 1e-5  # PyTorch's default, as in the official code
-_WIDTH_TOL = 1e-6
+# Widths are rounded to WIDTH_DIGITS decimals wherever they become keys (jit static arguments, program buckets,
+# statistics-store and query-table keys), so the same width computed two ways is one key; comparisons allow WIDTH_TOL.
+WIDTH_DIGITS = 6
+WIDTH_TOL = 10.0 ** -WIDTH_DIGITS
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -49,32 +52,45 @@ def scaled_channels(base: int, width: float) -> int:
   return make_divisible(base * width)
 
 
+def canonical_width(width: float) -> float:
+  """`width` as the float every key of it uses."""
+  return round(float(width), WIDTH_DIGITS)
+
+
 def width_grid(min_width: float, max_width: float, step: float) -> tuple[float, ...]:
-  """Widths min, min+step, …, max, rounded so grid points compare equal across calls (they are jit static args)."""
+  """Widths min, min+step, …, max, canonical so grid points compare equal across calls (they are jit static args)."""
   if step <= 0:
     raise UserError(f'width_step must be > 0, got {step}.')
-  n = int(math.floor((max_width - min_width) / step + 1e-6))
-  grid = [round(min_width + i * step, 6) for i in range(n + 1)]
-  if abs(grid[-1] - max_width) > _WIDTH_TOL:
-    grid.append(round(max_width, 6))
+  n = int(math.floor((max_width - min_width) / step + WIDTH_TOL))
+  grid = [canonical_width(min_width + i * step) for i in range(n + 1)]
+  if abs(grid[-1] - max_width) > WIDTH_TOL:
+    grid.append(canonical_width(max_width))
   return tuple(grid)
 
 
 def capacity_for(width: float, capacities: Sequence[float]) -> float | None:
   """The smallest capacity that holds `width` (its compiled program runs it on the capacity path); None when no
   capacity is large enough, or none is configured: run the exact sub-network."""
-  fits = [c for c in capacities if c >= width - _WIDTH_TOL]
-  return round(float(min(fits)), 6) if fits else None
+  fits = [c for c in capacities if c >= width - WIDTH_TOL]
+  return canonical_width(min(fits)) if fits else None
 
 
-def check_width(width: float, max_width: float) -> float:
-  """Validates a width against the model's maximum and returns it as a canonical (rounded) float."""
+def check_width(width: float, max_width: float, trained: tuple[float, float] | None = None) -> float:
+  """`width` as a canonical float, or a one-line UserError: not a number, outside (0, max_width] (the parameters'
+  width), or, given the `trained` (min, max) range of a run, outside it (every width in it is a trained
+  sub-network: US-Net's promise; within the tolerance, the nearest end)."""
   if not isinstance(width, (int, float)) or isinstance(width, bool):
     raise UserError(f'width must be a number in (0, {max_width}], got {width!r}.')
-  if not 0 < width <= max_width + _WIDTH_TOL:
+  if trained is not None:
+    lo, hi = trained
+    if not lo - WIDTH_TOL <= width <= hi + WIDTH_TOL:
+      what = f'width {lo:g}' if lo == hi else f'range [{lo:g}, {hi:g}]'
+      raise UserError(f'width {width:g} is outside the trained {what}: pick a width in it.')
+    width = min(max(width, lo), hi)
+  if not 0 < width <= max_width + WIDTH_TOL:
     raise UserError(f'width {width} is outside (0, {max_width}]: pass a width in that range '
                     f'(or raise model.max_width, which changes the parameter shapes).')
-  return round(float(width), 6)
+  return canonical_width(width)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,7 +243,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) ->
 
   'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass over memory per operand,
   where XLA's fused shift-add makes several) when the install built them and the array is float32 on one CPU device,
-  else the shift-add with a hand-written gradient. Both are `jax.custom_vjp`s: reverse mode only; forward-mode `jax.jvp` is not supported.
+  else the shift-add with a hand-written gradient. Both are `jax.custom_vjp`s: reverse mode only; forward-mode
+  `jax.jvp` is not supported.
   """
   k, _, c = kernel.shape
   if impl == 'xla':

@@ -22,8 +22,6 @@ from mutualnet_jax.models.base import SlimmableModel
 from mutualnet_jax.preprocess import input_size
 from mutualnet_jax.train_state import abstract_run_state
 
-_TOL = 1e-6
-
 
 def trained_width_range(config: ml_collections.ConfigDict) -> tuple[float, float]:
   """(min, max) width the run's weights were trained for (an independent network: its one width, twice)."""
@@ -42,15 +40,8 @@ def trained_resolutions(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def check_trained_width(config: ml_collections.ConfigDict, width: float) -> float:
-  """`width` as a canonical float; a UserError for one outside the range the run was trained for (every width in
-  it is a trained sub-network: US-Net's promise)."""
-  if not isinstance(width, (int, float)) or isinstance(width, bool):
-    raise UserError(f'width must be a number, got {width!r}.')
-  lo, hi = trained_width_range(config)
-  if not lo - _TOL <= width <= hi + _TOL:
-    what = f'width {lo:g}' if lo == hi else f'range [{lo:g}, {hi:g}]'
-    raise UserError(f'width {width:g} is outside the trained {what}: pick a width in it.')
-  return slim.check_width(min(max(width, lo), hi), config.model.max_width)
+  """`width` as a canonical float; a UserError for one outside the range the run was trained for."""
+  return slim.check_width(width, config.model.max_width, trained=trained_width_range(config))
 
 
 def check_resolution(resolution: int, model: SlimmableModel, image_size: int) -> int:

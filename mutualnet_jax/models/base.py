@@ -94,7 +94,7 @@ class SlimmableModel(nn.Module):
       raise ValueError(f'active must hold {len(self.channel_bases())} channel counts (model.channel_counts(width)), '
                        f'got shape {tuple(active.shape)}.')
     width = slim.check_width(self.max_width if width is None else width, self.max_width)
-    if self.is_initializing() and abs(width - self.max_width) > 1e-6:
+    if self.is_initializing() and abs(width - self.max_width) > slim.WIDTH_TOL:
       raise ValueError('initialise a slimmable model at its maximum width, so parameters get their full shape.')
     if x.ndim != 4:
       raise UserError(f'expected images shaped (batch, height, width, channels), got {x.shape}.')
