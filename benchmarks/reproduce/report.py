@@ -198,7 +198,7 @@ def curve(log: Path) -> list[dict[str, float]]:
   return [{'step': step, **points[step]} for step in sorted(points)]
 
 
-def pilot_evidence(out: Path, run: runs_lib.Run) -> dict[str, Any] | None:
+def pilot_evidence(out: Path, run: runs_lib.Run, eval_images: int = 10_000) -> dict[str, Any] | None:
   """Whether a pilot run over-fits: its full network's top-1 on its (un-augmented) training images against its
   test top-1 curve during training (peak and final); None before the run has a test curve."""
   points = curve(out / 'logs' / f'{run.name}.train.log')
@@ -213,8 +213,10 @@ def pilot_evidence(out: Path, run: runs_lib.Run) -> dict[str, Any] | None:
   except (UserError, ValueError):
     train_top1 = None
   passed_peak = peak_step < final_step and final < peak
+  noise = 2 * math.sqrt(2) * vd.binomial_se(peak, eval_images)  # K sigma of a difference of two accuracies
   return {'run': run.name, 'series': run.series, 'seed': run.seed, 'train_top1': train_top1,
           'test_peak': peak, 'test_peak_step': peak_step, 'test_final': final, 'test_final_step': final_step,
+          'drop': peak - final, 'drop_noise': noise,
           'overfits': bool(train_top1 is not None and train_top1 >= OVERFIT_TRAIN_TOP1 and passed_peak),
           'curve': [{'step': p['step'], **{k: v for k, v in p.items() if k.startswith(('accuracy/', 'eval_top1/'))}}
                     for p in points]}
@@ -236,7 +238,7 @@ def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run]
   facts_from = ('the runs\' config.json, logs and sweep summaries (timings.json)' if facts else
                 'runs.py: what run.py passes, no config.json recorded yet')
   bd = assemble(budget, runs, rows_of, facts, facts_from, training_fit(out, [r.name for r in runs]))
-  bd.pilot = [e for e in (pilot_evidence(out, r) for r in runs if r.pilot) if e]
+  bd.pilot = [e for e in (pilot_evidence(out, r, bd.eval_images or 10_000) for r in runs if r.pilot) if e]
   return bd
 
 
@@ -495,11 +497,12 @@ def render_pilot(bd: BudgetData) -> list[str]:
   if not bd.pilot:
     return []
   lines = ['| run | train top-1 (%, training images) | test top-1 peak (%) at step | test top-1 final (%) at step | '
-           'over-fits |', '|---|---:|---:|---:|---|']
+           'peak − final (points; 2σ) | over-fits |', '|---|---:|---:|---:|---:|---|']
   for e in bd.pilot:
     train = _pct(e['train_top1']) if e['train_top1'] is not None else 'not measured yet'
     lines.append(f'| {e["run"]} | {train} | {_pct(e["test_peak"])} at {e["test_peak_step"]} | '
-                 f'{_pct(e["test_final"])} at {e["test_final_step"]} | {"yes" if e["overfits"] else "no"} |')
+                 f'{_pct(e["test_final"])} at {e["test_final_step"]} | {100 * e["drop"]:.2f}; '
+                 f'{100 * e["drop_noise"]:.2f} | {"yes" if e["overfits"] else "no"} |')
   return lines
 
 
@@ -515,7 +518,8 @@ def render_budget(bd: BudgetData, docs: Path, folder: Path) -> list[str]:
     md += ['', '### Pilot: does this budget over-fit?', '',
            f'The criterion: the full network reaches ≥ {100 * OVERFIT_TRAIN_TOP1:g} % top-1 on its own training '
            'images (un-augmented, as evaluated) while its test top-1, evaluated every 2 epochs during training, '
-           f'has passed its peak. Curves: `pilot_curves.csv`.', '', *pilot]
+           'has passed its peak (its final value below its peak; a drop within 2σ of the binomial noise of the '
+           'difference is a plateau, not a decline). Curves: `pilot_curves.csv`.', '', *pilot]
   md += ['', '### Verdicts', '']
   claims = [v for v in bd.verdicts if v.kind == 'claim']
   md += [f'- {render_verdict(v)}' for v in claims] or ['- No claim can be checked: a compared method has no run.']
