@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from mutualnet_jax import parallel, programs, workdir as workdir_lib
-from mutualnet_jax.errors import UserError
+from mutualnet_jax.errors import UserError, reason
 from mutualnet_jax.preprocess import resize
 
 STORE_DIR = 'bn_stats'
@@ -133,9 +133,8 @@ class StatsStore:
                                                                       meta=ocp.args.JsonRestore()))
       stats, meta = item['stats'], item['meta']
       checksum_ok = tree_digest(stats) == meta['checksum']
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      logging.warning('BN statistics %s are unreadable (%s: %s); recomputing them.', path, type(e).__name__,
-                      str(e).splitlines()[0][:160] if str(e) else '')
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+      logging.warning('BN statistics %s are unreadable (%s); recomputing them.', path, reason(e))
       return None
     if not checksum_ok:
       logging.warning('BN statistics %s do not match their checksum (corrupt); recomputing them.', path)

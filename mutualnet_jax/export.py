@@ -34,7 +34,7 @@ from etils import epath
 
 from mutualnet_jax import slim, workdir as workdir_lib
 from mutualnet_jax.bn_calibration import store_key
-from mutualnet_jax.errors import UserError
+from mutualnet_jax.errors import UserError, reason
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel, trace_layers
 from mutualnet_jax.preprocess import resize
@@ -298,8 +298,8 @@ def load(path: str | epath.PathLike) -> ExportedModel:
   try:
     item = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(), batch_stats=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types for a missing or damaged directory
-    raise UserError(f'{path} is not a readable export ({type(e).__name__}): export again with --mode=export.') from e
+  except Exception as e:  # orbax/tensorstore raise many types for a missing or damaged directory
+    raise UserError(f'{path} is not a readable export ({reason(e)}): export again with --mode=export.') from e
   config = item['config']
   if config.get('format_version') not in READABLE_VERSIONS:
     raise UserError(f'{path} has export format {config.get("format_version")}, this code reads '

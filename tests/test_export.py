@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mutualnet_jax import api, bn_calibration, export, input_pipeline, parallel, tf_export
+from mutualnet_jax import api, bn_calibration, errors, export, input_pipeline, parallel, tf_export
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
 from mutualnet_jax.preprocess import resize
@@ -87,12 +87,20 @@ def test_predict_slices_no_parameter():
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
-  with pytest.raises(UserError, match='not a readable export'):
+  with pytest.raises(UserError, match='not a readable export') as error:
     export.load(tmp_path / 'missing')
+  assert f'({errors.reason(error.value.__cause__)})' in str(error.value) and '\n' not in str(error.value)
   model, params, stats = _setup('tiny_convnet', 0.25, 8)
   exported = export.build(model, params, stats, 0.25, 8, channels=1)
   with pytest.raises(UserError, match=r'expected images shaped \(batch, height, width, 1\)'):
     exported.predict(np.zeros((2, 8, 8, 3), np.float32))
+
+
+def test_a_library_failure_is_quoted_in_one_line():
+  """What the orbax callers (export, checkpoints, BN statistics) put in their one-line messages."""
+  assert errors.reason(ValueError('\n  first line \nsecond')) == 'ValueError: first line'
+  assert errors.reason(KeyError()) == 'KeyError'
+  assert errors.reason(OSError('x' * 300)) == 'OSError: ' + 'x' * 160
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -114,6 +122,31 @@ def fashion_net(fashion_data_dir):
   return net, images
 
 
+def _tflite_logits(model: str | os.PathLike | bytes, images: np.ndarray) -> np.ndarray:
+  runner = tf_export.interpreter(model, batch=len(images))
+  runner.set_tensor(runner.get_input_details()[0]['index'], images.astype(np.float32))
+  runner.invoke()
+  return runner.get_tensor(runner.get_output_details()[0]['index'])
+
+
+def _saved_model_logits(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
+  serve = tf.saved_model.load(str(path)).signatures['serving_default']
+  return serve(images=tf.constant(images, tf.float32))['logits'].numpy()
+
+
+def _assert_close(got: np.ndarray, expected: np.ndarray, relative: float) -> None:
+  """Equal up to `relative` x the largest logit, and the same top-1 class for every image."""
+  np.testing.assert_allclose(got, expected, rtol=0, atol=relative * float(np.abs(expected).max()))
+  np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+
+
+def _at_input_size(net: export.ExportedModel, images: np.ndarray) -> np.ndarray:
+  """Raw images resized to the pipeline's size: what a converted model without --input_size takes."""
+  size = net.preprocessing.input_size
+  return np.asarray(jax.image.resize(images.astype(np.float32), (len(images), size, size, images.shape[-1]),
+                                     'bilinear'))
+
+
 def test_saved_model_equals_the_jax_network_on_real_images(fashion_net, tmp_path):
   """Same StableHLO on XLA:CPU: equal up to float32 rounding (|difference| <= 1e-5 x the largest logit)."""
   net, images = fashion_net
@@ -121,9 +154,7 @@ def test_saved_model_equals_the_jax_network_on_real_images(fashion_net, tmp_path
   scale = float(np.abs(expected).max())
   assert scale > 1.0
   path = tf_export.save_saved_model(net, tmp_path / 'saved_model', input_size=(28, 28))
-  serve = tf.saved_model.load(str(path)).signatures['serving_default']
-  got = serve(images=tf.constant(images, tf.float32))['logits'].numpy()
-  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(_saved_model_logits(path, images), expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_tflite_equals_the_jax_network_on_real_images(fashion_net, tmp_path):
@@ -132,24 +163,16 @@ def test_tflite_equals_the_jax_network_on_real_images(fashion_net, tmp_path):
   net, images = fashion_net
   expected = np.asarray(net(images))
   path = tf_export.save_tflite(net, tmp_path / 'net.tflite', input_size=(28, 28))
-  runner = tf_export.interpreter(path, batch=len(images))
-  runner.set_tensor(runner.get_input_details()[0]['index'], images.astype(np.float32))
-  runner.invoke()
-  got = runner.get_tensor(runner.get_output_details()[0]['index'])
-  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
-  np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+  _assert_close(_tflite_logits(path, images), expected, 1e-4)
 
 
 @pytest.mark.parametrize('size', [(40, 36), None])  # None: the pipeline's size (16 px here)
 def test_other_raw_input_sizes_are_resized_inside(fashion_net, size):
   net, images = fashion_net
   resized = np.asarray(jax.image.resize(images[:8].astype(np.float32), (8, *(size or (16, 16)), 1), 'bilinear'))
-  runner = tf_export.interpreter(tf_export.tflite_model(net, input_size=size), batch=8)
-  runner.set_tensor(runner.get_input_details()[0]['index'], resized)
-  runner.invoke()
   expected = np.asarray(net(resized))
-  np.testing.assert_allclose(runner.get_tensor(runner.get_output_details()[0]['index']), expected, rtol=0,
-                             atol=1e-4 * float(np.abs(expected).max()))
+  got = _tflite_logits(tf_export.tflite_model(net, input_size=size), resized)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
 
 
 def test_tflite_latency(fashion_net, tmp_path):
@@ -165,12 +188,16 @@ def test_tflite_latency(fashion_net, tmp_path):
 
 
 def test_convert_an_export_from_disk(fashion_net, tmp_path):
-  net = fashion_net[0]
+  """The converted files run the weights read back from disk: their logits are the JAX network's."""
+  net, images = fashion_net
+  raw = _at_input_size(net, images[:16])
+  expected = np.asarray(net(raw))
   path = export.save(net, tmp_path / 'w0.5_r16', tiny_config().model.to_dict())
   tflite = tf_export.convert_export(path, 'tflite')
-  assert tflite == tmp_path / 'w0.5_r16.tflite' and tflite.exists()
+  assert tflite == tmp_path / 'w0.5_r16.tflite'
+  _assert_close(_tflite_logits(tflite, raw), expected, 1e-4)
   saved = tf_export.convert_export(path, 'saved_model', platforms=('cpu', 'cuda'))
-  assert (saved / 'saved_model.pb').exists()
+  _assert_close(_saved_model_logits(saved, raw), expected, 1e-5)  # the CPU lowering of a two-platform model
   with pytest.raises(UserError, match='unknown format'):
     tf_export.convert_export(path, 'onnx')
   with pytest.raises(UserError, match='TFLite models run on the CPU'):
@@ -178,7 +205,8 @@ def test_convert_an_export_from_disk(fashion_net, tmp_path):
   no_preprocessing = dataclasses.replace(net, preprocessing=None)
   with pytest.raises(UserError, match='has no saved preprocessing'):
     tf_export.tflite_model(no_preprocessing)
-  assert len(tf_export.tflite_model(no_preprocessing, raw=False)) > 0  # the bare network needs none
+  normalised = np.asarray(net.preprocessing(raw))  # the bare network (raw=False) needs no preprocessing
+  _assert_close(_tflite_logits(tf_export.tflite_model(no_preprocessing, raw=False), normalised), expected, 1e-4)
 
 
 @pytest.mark.slow
@@ -189,6 +217,8 @@ def test_tf_export_command_line(fashion_net, tmp_path):
                         '--latency'], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.splitlines()[0] == f'{path}.tflite' and 'ms at batch 1' in out.stdout
+  raw = _at_input_size(net, fashion_net[1][:8])
+  _assert_close(_tflite_logits(f'{path}.tflite', raw), np.asarray(net(raw)), 1e-4)
   out = subprocess.run([sys.executable, '-m', 'mutualnet_jax.tf_export', f'--export={tmp_path / "missing"}'],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   last = out.stderr.strip().splitlines()[-1]  # TensorFlow's own start-up notices come first
