@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib import colors
+from PIL import Image
 
 from mutualnet_jax import query
 
@@ -179,6 +182,18 @@ def test_diagnostic_is_context(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Files.
 
+def _assert_figure(path: Path, size: tuple[int, int], colour: str | None = None) -> None:
+  """`path` decodes as a PNG of `size` (width, height) that holds a drawing, not one flat colour; with `colour`
+  (a matplotlib colour), some pixels are exactly it."""
+  with Image.open(path) as image:
+    assert image.format == 'PNG' and image.size == size
+    pixels = np.asarray(image.convert('RGB')).reshape(-1, 3)
+  assert len(np.unique(pixels, axis=0)) > 10
+  if colour is not None:
+    rgb = np.round(255 * np.asarray(colors.to_rgb(colour))).astype(np.uint8)
+    assert (pixels == rgb).all(axis=1).sum() > 20
+
+
 def test_report_writes_data_files_figures_and_lists_missing_runs(tmp_path):
   out, docs = tmp_path / 'runs', tmp_path / 'docs'
   runs = _write_round2(out, skip=('usnet_s3', 'independent_w0.5_r20_s1'))
@@ -186,7 +201,10 @@ def test_report_writes_data_files_figures_and_lists_missing_runs(tmp_path):
   overfit = docs / 'reproduce' / runs[0].budget.key
   long = docs / 'reproduce' / runs_lib.ROUND2.budget('long').key
   for name in ('query_tables.csv', 'budgets.csv', 'verdicts.json', 'overlay.png', 'mutualnet_fig5.png'):
-    assert overfit / name in written and (overfit / name).stat().st_size > 0
+    assert overfit / name in written
+  # Pixel sizes: plots.axes' figsize at 120 dpi; the overlay draws MutualNet in its series colour.
+  _assert_figure(overfit / 'overlay.png', (1008, 672), report.COLOURS['MutualNet'])
+  _assert_figure(overfit / 'mutualnet_fig5.png', (768, 576))
   round1 = docs / 'reproduce' / runs_lib.ROUND1.budgets[0].key
   assert {round1 / 'overlay.png', round1 / 'mutualnet_fig5.png', docs / 'RESULTS.md',
           docs / 'reproduce' / 'verdicts.csv'} <= set(written)
@@ -206,7 +224,11 @@ def test_report_writes_data_files_figures_and_lists_missing_runs(tmp_path):
   assert {(r['round'], r['budget']) for r in records} == {('2', 'overfit'), ('1', '2ep'), ('1', '4ep')}
 
   with open(overfit / 'query_tables.csv', newline='') as f:
-    rows = list(csv.DictReader(f))
+    reader = csv.DictReader(f)
+    rows = list(reader)
+  assert reader.fieldnames == ['method', 'seed', *query.COLUMNS]
+  assert len(rows) == sum(len(query.read_table(str(out / r.name))[0]) for r in runs)  # every swept row, once
+  assert {r['method'] for r in rows} == {r.label for r in runs} and len({r.label for r in runs}) > 2
   full = sorted(float(r['top1']) for r in rows if r['method'] == 'MutualNet' and float(r['width']) == 1.0
                 and r['resolution'] == '28')
   assert full == pytest.approx([base(1.0, 28) - 0.002] * 2 + [base(1.0, 28) + 0.002] * 2)
