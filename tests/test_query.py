@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mutualnet_jax import plots, query
+from mutualnet_jax import commands, plots, query
 from mutualnet_jax.errors import UserError
 
 
@@ -139,6 +139,13 @@ def test_the_query_mode_loads_neither_jax_tensorflow_nor_matplotlib(tmp_path):
   code = (f'from mutualnet_jax import commands; print(commands.run("query", None, {str(tmp_path)!r}))'
           f'; print(commands.run("query", None, {str(tmp_path)!r}, {budget}))')
   assert _loaded_after(code) == []
+
+
+def test_the_plot_mode_draws_the_table(tmp_path):
+  query.write_table(TABLE, str(tmp_path), {})
+  path = commands.run('plot', None, str(tmp_path))
+  assert path == str(tmp_path / plots.PLOT_NAME)
+  assert (tmp_path / plots.PLOT_NAME).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_the_tflite_latency_column_is_optional_and_queryable(tmp_path):
