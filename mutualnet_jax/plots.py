@@ -49,17 +49,27 @@ def _xy(rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
 
 def accuracy_macs(rows: Sequence[Row], path: str | epath.PathLike, title: str | None = None) -> epath.Path:
   """Every configuration as a point coloured by resolution (one line per resolution, widths along it) and the
-  Pareto frontier in black; returns the PNG's path."""
+  Pareto frontier in black, its points labelled with their widths; returns the PNG's path."""
+  return save(accuracy_macs_figure(rows, title), path)
+
+
+def accuracy_macs_figure(rows: Sequence[Row], title: str | None = None) -> Figure:
+  """`accuracy_macs`' figure. Only frontier points get a width label: the colour gives the resolution, and the
+  width is what a reader picks from the frontier; labelling every point would bury the curve."""
   fig, ax = axes(title)
   resolutions = sorted({r.resolution for r in rows}, reverse=True)
   colours = matplotlib.colormaps['viridis'](np.linspace(0.0, 0.9, max(len(resolutions), 1)))
   for colour, res in zip(colours, resolutions):
     x, y = _xy(sorted((r for r in rows if r.resolution == res), key=lambda r: r.width))
     ax.plot(x, y, '-o', color=colour, markersize=3.5, linewidth=0.8, label=f'{res} px')
-  x, y = _xy(pareto_frontier(rows))
+  frontier = pareto_frontier(rows)
+  x, y = _xy(frontier)
   ax.plot(x, y, '-', color='black', linewidth=1.6, label='Pareto frontier', zorder=3)
+  for r, xi, yi in zip(frontier, x, y):
+    ax.annotate(f'{r.width:g}', (xi, yi), xytext=(-3, 4), textcoords='offset points', ha='right',
+                fontsize='x-small', zorder=4)
   ax.legend(loc='lower right', fontsize='small')
-  return save(fig, path)
+  return fig
 
 
 def overlay(series: Mapping[str, Sequence[Row]], path: str | epath.PathLike, title: str | None = None) -> epath.Path:

@@ -145,24 +145,30 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing
                 'calibration_images': config.calibration_images}
 
 
-TENSORBOARD_DIR = 'sweep'  # beside training's event files: TensorBoard shows the sweep as its own run
+TENSORBOARD_DIR = 'sweep'  # beside training's event files: TensorBoard shows the sweep as its own runs
+WIDTH_AXIS = 'by_width_percent'  # the tag group names the step axis, so no chart reads as training progress
 
 
 def write_tensorboard(rows: Sequence[Row], outputs: str, plot: epath.Path, checkpoint_step: int) -> epath.Path:
-  """The table in TensorBoard (clu writers): per resolution, top-1/top-5, MFLOPs and latency along the widths (step
-  = width in percent); the Pareto frontier along MACs (step = kMACs) and as a text table; the Accuracy-MACs figure
-  as an image at the checkpoint's step."""
+  """The table in TensorBoard (clu writers). Scalar charts need a step, so each resolution is its own run
+  (`sweep/<res>px`) whose `by_width_percent/{top1,top5,mflops,latency_ms}` use the width in percent as the step: one
+  chart per metric, one line per resolution, the axis named by the group. The sweep's own run (`sweep`) holds what
+  has no axis, at the checkpoint's training step: every row and the Pareto frontier as Markdown tables and the
+  Accuracy-MACs figure. Earlier sweep event files are removed first: `rows` is the whole (merged) table, and a
+  second file with the same steps would draw both."""
   logdir = epath.Path(outputs) / TENSORBOARD_DIR
+  for stale in [*logdir.glob('events.out.tfevents.*'), *logdir.glob('*px/events.out.tfevents.*')]:
+    stale.unlink()
+  for res in sorted({r.resolution for r in rows}):
+    writer = metric_writers.create_default_writer(os.fspath(logdir / f'{res}px'), asynchronous=False)
+    for r in sorted((r for r in rows if r.resolution == res), key=lambda r: r.width):
+      writer.write_scalars(int(round(100 * r.width)), {
+          f'{WIDTH_AXIS}/top1': r.top1, f'{WIDTH_AXIS}/top5': r.top5, f'{WIDTH_AXIS}/mflops': r.macs / 1e6,
+          f'{WIDTH_AXIS}/latency_ms': r.latency_ms})
+    writer.close()
   writer = metric_writers.create_default_writer(os.fspath(logdir), asynchronous=False)
-  for r in rows:
-    writer.write_scalars(int(round(100 * r.width)), {
-        f'top1/{r.resolution}px': r.top1, f'top5/{r.resolution}px': r.top5,
-        f'mflops/{r.resolution}px': r.macs / 1e6, f'latency_ms/{r.resolution}px': r.latency_ms})
-  frontier = query.pareto_frontier(rows)
-  for r in frontier:
-    writer.write_scalars(int(round(r.macs / 1e3)), {'pareto/top1': r.top1, 'pareto/width': r.width,
-                                                    'pareto/resolution': r.resolution})
-  writer.write_texts(checkpoint_step, {'pareto_frontier': query.format_markdown(frontier)})
+  writer.write_texts(checkpoint_step, {'all_configurations': query.format_markdown(rows),
+                                       'pareto_frontier': query.format_markdown(query.pareto_frontier(rows))})
   writer.write_images(checkpoint_step, {'accuracy_macs': matplotlib.image.imread(os.fspath(plot))[None]})
   writer.close()
   return logdir

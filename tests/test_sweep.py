@@ -79,6 +79,37 @@ def test_sweep_writes_table_plot_and_summary(swept):
   assert 4 <= summary['compiles'] <= 4 * 4 + 3
 
 
+def _events(run_dir) -> dict[str, list]:
+  """{tag: [(step, value)]} of one TensorBoard run, read back as TensorBoard reads it."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  acc = event_accumulator.EventAccumulator(os.fspath(run_dir), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  return {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+          for tag in acc.Tags()['tensors']}
+
+
+@pytest.mark.slow
+def test_sweep_tensorboard_has_a_run_per_resolution_along_the_widths(swept):
+  _, _, summary, rows = swept
+  logdir = summary['tensorboard']
+  assert sorted(d for d in os.listdir(logdir) if d.endswith('px')) == ['16px', '8px']
+  for res in (16, 8):
+    events = _events(os.path.join(logdir, f'{res}px'))
+    assert set(events) == {f'{sweep.WIDTH_AXIS}/{m}' for m in ('top1', 'top5', 'mflops', 'latency_ms')}
+    mine = sorted((r for r in rows if r.resolution == res), key=lambda r: r.width)
+    assert [(s, float(v)) for s, v in events[f'{sweep.WIDTH_AXIS}/top1']] == [
+        (round(100 * r.width), pytest.approx(r.top1)) for r in mine]
+    assert [float(v) for _, v in events[f'{sweep.WIDTH_AXIS}/mflops']] == pytest.approx([r.macs / 1e6 for r in mine])
+  root = _events(logdir)
+  assert set(root) == {'all_configurations', 'pareto_frontier', 'accuracy_macs'}
+  assert {s for tag in root.values() for s, _ in tag} == {3}  # the checkpoint's training step
+  table = root['all_configurations'][0][1].item().decode()
+  assert len(table.splitlines()) == 2 + len(rows) and '| 0.25 | 8 |' in table
+  frontier = root['pareto_frontier'][0][1].item().decode()
+  assert len(frontier.splitlines()) == 2 + len(query.pareto_frontier(rows))
+
+
 @pytest.mark.slow
 def test_partial_sweep_reuses_the_store_and_updates_only_its_row(swept):
   config, workdir, _, rows = swept
@@ -92,6 +123,11 @@ def test_partial_sweep_reuses_the_store_and_updates_only_its_row(swept):
   remeasured = next(r for r in merged if (r.width, r.resolution) == (1.0, 16))
   assert remeasured.latency_batch_ms is None and remeasured.latency_ms > 0
   assert query.format_rows([remeasured]).splitlines()[1].split()[-1] == '-'
+  # TensorBoard shows the merged table once: the earlier sweep's event files are replaced, not added to.
+  for run_dir in ('', '16px', '8px'):
+    path = os.path.join(again['tensorboard'], run_dir)
+    assert len([f for f in os.listdir(path) if f.startswith('events.out.tfevents.')]) == 1
+  assert [s for s, _ in _events(os.path.join(again['tensorboard'], '16px'))[f'{sweep.WIDTH_AXIS}/top1']] == [25, 100]
 
 
 @pytest.mark.slow
