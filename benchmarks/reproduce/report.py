@@ -492,6 +492,12 @@ def render_fit(bd: BudgetData) -> list[str]:
   return lines
 
 
+def _overfit_words(evidence: dict[str, Any]) -> str:
+  if not evidence['overfits']:
+    return 'no'
+  return 'yes' if evidence['drop'] > evidence['drop_noise'] else 'yes, a plateau: its drop is within the noise'
+
+
 def render_pilot(bd: BudgetData) -> list[str]:
   """The pilot's evidence that the budget over-fits (or that it does not)."""
   if not bd.pilot:
@@ -502,7 +508,7 @@ def render_pilot(bd: BudgetData) -> list[str]:
     train = _pct(e['train_top1']) if e['train_top1'] is not None else 'not measured yet'
     lines.append(f'| {e["run"]} | {train} | {_pct(e["test_peak"])} at {e["test_peak_step"]} | '
                  f'{_pct(e["test_final"])} at {e["test_final_step"]} | {100 * e["drop"]:.2f}; '
-                 f'{100 * e["drop_noise"]:.2f} | {"yes" if e["overfits"] else "no"} |')
+                 f'{100 * e["drop_noise"]:.2f} | {_overfit_words(e)} |')
   return lines
 
 
