@@ -5,8 +5,9 @@ runs it).
   root/train/<class>/<image>   root/test/<class>/<image>    (PNG, JPEG, BMP or GIF; any sizes; classes sorted)
 
   python examples/image_folder.py ~/pets --name=pets --data_dir=~/tensorflow_datasets
-  python main.py --config=configs/default.py --workdir=runs/pets --config.dataset=pets \\
-      --config.data_dir=~/tensorflow_datasets <the flags this prints>
+  python main.py --config=configs/default.py --workdir=runs/pets <the flags this prints>
+
+Grayscale images stay one channel: the channel count is read off the first training image unless --channels says.
 """
 import argparse
 import os
@@ -14,6 +15,7 @@ import shlex
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 
 def channel_stats(images) -> tuple[np.ndarray, np.ndarray]:
@@ -26,8 +28,24 @@ def channel_stats(images) -> tuple[np.ndarray, np.ndarray]:
   return mean, np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
 
 
-def prepare(root: str, name: str, data_dir: str, channels: int = 3, train_split: str = 'train') -> list[str]:
-  """Writes `root`'s images as TFDS dataset `name` under `data_dir`; returns the --config flags to train on it."""
+def detect_channels(root: str, train_split: str = 'train') -> int:
+  """1 when the first training image (classes and files sorted) is grayscale, else 3."""
+  split = os.path.join(os.path.expanduser(root), train_split)
+  for directory, _, files in sorted(os.walk(split)):
+    for name in sorted(files):
+      try:
+        with Image.open(os.path.join(directory, name)) as image:
+          return 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
+      except OSError:
+        continue
+  raise SystemExit(f'{root} has no readable image under {train_split}/: put the training images in '
+                   f'{root}/{train_split}/<class>/.')
+
+
+def prepare(root: str, name: str, data_dir: str, channels: int = 0, train_split: str = 'train') -> list[str]:
+  """Writes `root`'s images as TFDS dataset `name` under `data_dir` (`channels` 0: as the first training image);
+  returns the --config flags to train on it."""
+  channels = channels or detect_channels(root, train_split)
   folder = tfds.ImageFolder(os.path.expanduser(root), shape=(None, None, channels))
   if train_split not in folder.info.splits:
     raise SystemExit(f'{root} has no {train_split}/ directory (it has {sorted(folder.info.splits)}): put the '
@@ -53,6 +71,7 @@ if __name__ == '__main__':
   parser.add_argument('root', help='the directory holding train/<class>/<image> (and test/, ...)')
   parser.add_argument('--name', required=True, help='the dataset name to train with (--config.dataset)')
   parser.add_argument('--data_dir', default='~/tensorflow_datasets', help='where TFDS datasets live')
-  parser.add_argument('--channels', type=int, default=3, choices=(1, 3), help='1 for grayscale images')
+  parser.add_argument('--channels', type=int, default=0, choices=(0, 1, 3),
+                      help='1 grayscale, 3 colour; 0 (default): as the first training image')
   args = parser.parse_args()
   print(' '.join(shlex.quote(flag) for flag in prepare(args.root, args.name, args.data_dir, args.channels)))

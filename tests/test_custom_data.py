@@ -127,3 +127,35 @@ def test_train_on_it_with_the_printed_flags_then_use_the_network(prepared, tmp_p
   net = run.network(1.0, 16)
   image = np.asarray(Image.open(next((base / 'images' / 'test' / 'fish').glob('*.png'))))
   assert net(image).shape == (3,) and net.top_k(image, k=2).classes.shape == (1, 2)
+
+
+def test_the_readme_command_with_the_printed_flags_gives_each_field_once(prepared):
+  """The README's "Your own dataset" train command, with the example's flags where it says so, as a user pastes it."""
+  _, flags = prepared
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  section = readme.split('## Your own dataset', 1)[1].split('\n## ', 1)[0]
+  block = section.split('```bash\n', 1)[1].split('```', 1)[0].replace('\\\n', ' ')
+  (command,) = [line for line in block.splitlines() if line.startswith('python main.py')]
+  printed = [f'--config.{k}={v}' for k, v in flags.items()]
+  args = command.replace('<the flags it printed>', ' '.join(printed)).split()
+  fields = [a.split('=', 1)[0] for a in args if a.startswith('--config.')]
+  assert len(fields) == len(set(fields)) and set(printed) <= set(args)
+
+
+def test_grayscale_images_stay_one_channel(tmp_path):
+  rng = np.random.RandomState(1)
+  for split in ('train', 'test'):
+    for c, name in enumerate(CLASSES[:2]):
+      os.makedirs(tmp_path / 'gray' / split / name)
+      for i in range(2):
+        pixels = np.clip(rng.normal(60 + 100 * c, 20, (16, 16)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode='L').save(tmp_path / 'gray' / split / name / f'{i}.png')
+  example = runpy.run_path(EXAMPLE)
+  assert example['detect_channels'](str(tmp_path / 'gray')) == 1
+  flags = dict(f.removeprefix('--config.').split('=', 1)
+               for f in example['prepare'](str(tmp_path / 'gray'), 'gray_images', str(tmp_path / 'tfds')))
+  assert len(ast.literal_eval(flags['mean'])) == 1
+  config = tiny_config(dataset='gray_images', data_dir=str(tmp_path / 'tfds'), batch_size=2)
+  config.model.num_classes = 2
+  config.mean, config.std = ast.literal_eval(flags['mean']), ast.literal_eval(flags['std'])
+  assert input_pipeline.get_dataset_info(config).channels == 1
