@@ -342,3 +342,14 @@ def test_pilot_evidence_needs_a_fitted_training_set_and_a_test_peak_behind(tmp_p
   assert (evidence['test_peak'], evidence['test_final_step']) == (max(0.85, final), 234)
   assert [p['step'] for p in evidence['curve']] == [78, 156, 234]
   assert '--config.eval_split=train[:' in ' '.join(run.fit_args())
+
+
+def test_pilot_evidence_of_a_slimmable_run_follows_its_full_network(tmp_path):
+  """MutualNet's log holds the full and the narrowest network's test top-1 at each step: the curve is the full one."""
+  run = next(r for r in runs_lib.select(max_priority=1) if r.method == 'mutualnet')
+  log = tmp_path / 'logs' / f'{run.name}.train.log'
+  log.parent.mkdir(parents=True)
+  log.write_text(''.join(f'I1206 1 logging_writer.py:48] [{s}] eval_top1/max={a}, eval_top1/min={b}\n'
+                         for s, a, b in ((70, 0.80, 0.90), (140, 0.82, 0.70))))
+  evidence = report.pilot_evidence(tmp_path, run)
+  assert (evidence['test_peak'], evidence['test_peak_step'], evidence['test_final']) == (0.82, 140, 0.82)

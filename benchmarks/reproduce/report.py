@@ -202,7 +202,8 @@ def pilot_evidence(out: Path, run: runs_lib.Run, eval_images: int = 10_000) -> d
   """Whether a pilot run over-fits: its full network's top-1 on its (un-augmented) training images against its
   test top-1 curve during training (peak and final); None before the run has a test curve."""
   points = curve(out / 'logs' / f'{run.name}.train.log')
-  tests = [(p['step'], v) for p in points for k, v in p.items() if k.startswith('eval_top1/')]
+  full = 'eval_top1/fixed' if run.method == 'independent' else 'eval_top1/max'  # the full network's curve
+  tests = [(p['step'], p[full]) for p in points if full in p]
   if not tests:
     return None
   peak_step, peak = max(tests, key=lambda t: (t[1], -t[0]))
@@ -523,7 +524,8 @@ def render_budget(bd: BudgetData, docs: Path, folder: Path) -> list[str]:
   if pilot:
     md += ['', '### Pilot: does this budget over-fit?', '',
            f'The criterion: the full network reaches ≥ {100 * OVERFIT_TRAIN_TOP1:g} % top-1 on its own training '
-           'images (un-augmented, as evaluated) while its test top-1, evaluated every 2 epochs during training, '
+           f'images (un-augmented, as evaluated) while its test top-1, evaluated {runs_lib.PILOT_EVALS} times during '
+           'training, '
            'has passed its peak (its final value below its peak; a drop within 2σ of the binomial noise of the '
            'difference is a plateau, not a decline). Curves: `pilot_curves.csv`.', '', *pilot]
   md += ['', '### Verdicts', '']
