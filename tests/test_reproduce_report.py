@@ -353,3 +353,12 @@ def test_pilot_evidence_of_a_slimmable_run_follows_its_full_network(tmp_path):
                          for s, a, b in ((70, 0.80, 0.90), (140, 0.82, 0.70))))
   evidence = report.pilot_evidence(tmp_path, run)
   assert (evidence['test_peak'], evidence['test_peak_step'], evidence['test_final']) == (0.82, 140, 0.82)
+
+
+def test_the_overview_tells_a_budget_without_runs_from_one_without_a_claim(tmp_path):
+  out = tmp_path / 'runs'
+  _write_round2(out, budget='pilot5k')  # the independent network alone: no claim compares it with anything
+  lines = report.render_overview(report.load_all(out, {'runs': {}, 'invocations': []}))
+  assert 'Runs but no claim to check (a compared method has no run): Round 2, pilot5k.' in lines
+  assert any(line.startswith('No data yet: ') and 'Round 2, overfit' in line and 'pilot5k' not in line
+             for line in lines)

@@ -550,8 +550,10 @@ def render_budget(bd: BudgetData, docs: Path, folder: Path) -> list[str]:
 
 def render_overview(data: Sequence[BudgetData]) -> list[str]:
   with_data = [bd for bd in data if bd.verdicts]
-  empty = [bd.title for bd in data if not bd.verdicts]
-  note = [f'No data yet: {", ".join(empty)}.'] if empty else []
+  empty = [bd.title for bd in data if not bd.verdicts and not bd.run_rows]
+  no_claim = [bd.title for bd in data if not bd.verdicts and bd.run_rows]
+  note = ([f'No data yet: {", ".join(empty)}.'] if empty else []) + (
+      [f'Runs but no claim to check (a compared method has no run): {", ".join(no_claim)}.'] if no_claim else [])
   if not with_data:
     return note
   header = '| claim | ' + ' | '.join(bd.title for bd in with_data) + ' |'
