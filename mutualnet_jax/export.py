@@ -15,6 +15,9 @@ so the model itself takes raw pixels, as a camera or an image file gives them:
   top = net.top_k(images, k=5)          # classes and probabilities
   logits = net.predict(normalised)      # images already normalised like the training pipeline
 
+Logits and probabilities are JAX arrays (they stay on the device for further computation; `np.asarray` copies
+them); `top_k` is the end of a computation and gives NumPy arrays on the host, ready to print or index.
+
 Exports of format 1 (before the preprocessing was saved) still load and `predict`; calling them on raw images is
 refused with a message saying to export again.
 """
@@ -203,7 +206,7 @@ class ExportedModel:
 
   def top_k(self, images: Any, k: int = 5) -> TopK:
     """The k most probable classes of raw images and their probabilities (one row per image; a single image gives
-    one row too)."""
+    one row too), as NumPy arrays on the host."""
     if not isinstance(k, int) or not 1 <= k <= self.model.num_classes:
       raise UserError(f'k must be an integer in [1, {self.model.num_classes}] (the number of classes), got {k!r}.')
     probabilities, classes = jax.lax.top_k(jnp.atleast_2d(self.probabilities(images)), k)
