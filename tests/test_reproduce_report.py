@@ -30,6 +30,12 @@ def _load_report():
 
 report = _load_report()
 runs_lib, vd = report.runs_lib, report.vd
+
+
+@pytest.fixture(autouse=True)
+def _no_committed_records(tmp_path, monkeypatch):
+  """Each test sees only the run records it writes, not the repository's (benchmarks/reproduce/round2/)."""
+  monkeypatch.setattr(report.archive, 'ROOT', tmp_path / 'records')
 N = 10_000  # eval images of the synthetic tables (their metadata)
 
 
@@ -362,3 +368,64 @@ def test_the_overview_tells_a_budget_without_runs_from_one_without_a_claim(tmp_p
   assert 'Runs but no claim to check (a compared method has no run): Round 2, pilot5k.' in lines
   assert any(line.startswith('No data yet: ') and 'Round 2, overfit' in line and 'pilot5k' not in line
              for line in lines)
+
+
+def _load_run_driver():
+  spec = importlib.util.spec_from_file_location('reproduce_run', REPO / 'benchmarks/reproduce/run.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _finish(out: Path, run, steps: int = 2100) -> None:
+  """What a finished run leaves under OUT: a checkpoint at its last step, the training log saying so (with its
+  logged curve), then its sweep's table."""
+  (out / run.name / 'checkpoints' / str(steps)).mkdir(parents=True)
+  log = out / 'logs' / f'{run.name}.train.log'
+  log.parent.mkdir(parents=True, exist_ok=True)
+  log.write_text(f'I1206 1 logging_writer.py:48] [70] accuracy/max=0.5, grad_norm=1.5, loss/max=1.2\n'
+                 f'I1206 1 logging_writer.py:48] [{steps}] accuracy/max=0.9, grad_norm=0.5, loss/max=0.2\n'
+                 f'Trained to step {steps} of {steps}\n')
+  rows = _rows(lambda w, r: base(w, r), sorted(run.sweep_configs()))
+  query.write_table(rows, str(out / run.name), {'eval_images': N, 'checkpoint_step': steps})
+
+
+def test_a_finished_run_is_recorded_and_survives_a_fresh_machine(tmp_path):
+  """run.py records a trained and swept run beside runs.py; on a machine whose OUT lacks it, the run is skipped
+  and the report still holds its rows, training fit and timings."""
+  driver = _load_run_driver()
+  run = next(r for r in runs_lib.ROUND2.runs if r.method == 'mutualnet' and not r.pilot)
+  out, fresh = tmp_path / 'old', tmp_path / 'fresh'
+  timings = driver.Timings(tmp_path / 'timings.json')
+  assert driver.archive_run(run, out, timings) is None  # nothing finished yet
+  _finish(out, run)
+  timings.record(run.name, 'train', {'seconds': 1234.0, 'from_step': 0, 'to_step': 2100, 'commit': 'abc',
+                                     'command': 'python main.py x'})
+  path = driver.archive_run(run, out, timings)
+  assert path == tmp_path / 'records' / f'{run.name}.json'
+  assert driver.archive_run(run, out, timings) is None  # unchanged: not rewritten
+  assert not driver.finished_elsewhere(run, out) and driver.finished_elsewhere(run, fresh)
+
+  docs = tmp_path / 'docs'
+  report.write_report(fresh, docs, {'runs': {}, 'invocations': []})
+  summary = json.loads((docs / 'reproduce' / run.budget.key / 'verdicts.json').read_text())
+  assert run.name in summary['runs']['present']
+  assert [f['train_accuracy'] for f in summary['training_fit']] == [0.9]
+  with open(docs / 'reproduce' / run.budget.key / 'query_tables.csv', newline='') as f:
+    assert len(list(csv.DictReader(f))) == len(run.sweep_configs())
+  text = (docs / 'RESULTS.md').read_text()
+  assert f'| {run.name} | 1234 | 2100 |' in text and '`abc`' in text
+
+
+def test_a_pilot_is_recorded_only_with_its_fit_measured(tmp_path):
+  driver = _load_run_driver()
+  run = runs_lib.select(max_priority=1)[0]
+  assert run.pilot
+  out = tmp_path / 'old'
+  _finish(out, run)
+  timings = driver.Timings(tmp_path / 'timings.json')
+  assert driver.archive_run(run, out, timings) is None
+  query.write_table(_rows(lambda *_: 0.995, [runs_lib.FULL]), str(out / run.name / runs_lib.FIT_DIR),
+                    {'eval_images': 1000})
+  assert driver.archive_run(run, out, timings) is not None
+  assert report.archive.load(run.name)['fit_top1'] == pytest.approx(0.995)

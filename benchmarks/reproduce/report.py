@@ -19,7 +19,6 @@ import fractions
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,9 @@ for p in (str(HERE), str(REPO)):
 
 import numpy as np  # noqa: E402
 
+import archive  # noqa: E402
 import runs as runs_lib  # noqa: E402
+import training_log  # noqa: E402
 import verdicts as vd  # noqa: E402
 from mutualnet_jax import plots, query  # noqa: E402
 from mutualnet_jax.errors import UserError  # noqa: E402
@@ -159,68 +160,38 @@ def load_round1(archive: Path = ROUND1_ARCHIVE) -> list[BudgetData]:
                    fit) for b in runs_lib.ROUND1.budgets]
 
 
-_FIT = re.compile(r'\[(\d+)\] accuracy/(?:max|fixed)=([0-9.eE+-]+).*?grad_norm=([0-9.eE+-]+).*?'
-                  r'loss/(?:max|fixed)=([0-9.eE+-]+)')
-
-
 def training_fit(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
-  """The labelled network's training top-1 and cross-entropy over the last logged interval of each run, from
-  OUT/logs/<run>.train.log (the last occurrence: logs are appended across attempts)."""
-  rows = []
-  for name in names:
-    log = out / 'logs' / f'{name}.train.log'
-    found = _FIT.findall(log.read_text()) if log.exists() else []
-    if found:
-      step, acc, gnorm, loss = found[-1]
-      rows.append({'run': name, 'step': int(step), 'train_accuracy': float(acc), 'train_ce': float(loss),
-                   'grad_norm': float(gnorm)})
-  return rows
+  """Each run's last training interval, from its log under OUT, else from its archive record."""
+  fits = (training_log.last_interval(training_log.path(out, name), name) or (archive.load(name) or {}).get(
+      'last_interval') for name in names)
+  return [fit for fit in fits if fit]
 
 
-_SCALARS = re.compile(r'\] \[(\d+)\] (.*)$')
 OVERFIT_TRAIN_TOP1 = 0.99  # the pilot's criterion: the full network fits its training images at least this well
-
-
-def curve(log: Path) -> list[dict[str, float]]:
-  """Per logged step of the last training attempt in a log: the scalars main.py wrote ('[step] k=v, ...' lines);
-  a resumed attempt continues the curve, so every attempt's lines are kept and later ones win."""
-  points: dict[int, dict[str, float]] = {}
-  for line in (log.read_text().splitlines() if log.exists() else []):
-    found = _SCALARS.search(line)
-    if not found:
-      continue
-    for item in found.group(2).split(', '):
-      key, _, value = item.partition('=')
-      try:
-        points.setdefault(int(found.group(1)), {})[key.strip()] = float(value)
-      except ValueError:
-        continue
-  return [{'step': step, **points[step]} for step in sorted(points)]
 
 
 def pilot_evidence(out: Path, run: runs_lib.Run, eval_images: int = 10_000) -> dict[str, Any] | None:
   """Whether a pilot run over-fits: its full network's top-1 on its (un-augmented) training images against its
-  test top-1 curve during training (peak and final); None before the run has a test curve."""
-  points = curve(out / 'logs' / f'{run.name}.train.log')
+  test top-1 curve during training (peak and final); None before the run has a test curve. From OUT, else from
+  the run's archive record."""
+  record = archive.load(run.name) or {}
+  points = training_log.accuracy_curve(training_log.path(out, run.name)) or record.get('curve', [])
   full = 'eval_top1/fixed' if run.method == 'independent' else 'eval_top1/max'  # the full network's curve
   tests = [(p['step'], p[full]) for p in points if full in p]
   if not tests:
     return None
   peak_step, peak = max(tests, key=lambda t: (t[1], -t[0]))
   final_step, final = tests[-1]
-  try:
-    fit_rows, _ = query.read_table(str(out / run.name / runs_lib.FIT_DIR))
-    train_top1 = max(r.top1 for r in fit_rows)
-  except (UserError, ValueError):
-    train_top1 = None
+  train_top1 = archive.fit_top1(out / run.name, runs_lib.FIT_DIR)
+  if train_top1 is None:
+    train_top1 = record.get('fit_top1')
   passed_peak = peak_step < final_step and final < peak
   noise = 2 * math.sqrt(2) * vd.binomial_se(peak, eval_images)  # K sigma of a difference of two accuracies
   return {'run': run.name, 'series': run.series, 'seed': run.seed, 'train_top1': train_top1,
           'test_peak': peak, 'test_peak_step': peak_step, 'test_final': final, 'test_final_step': final_step,
           'drop': peak - final, 'drop_noise': noise,
           'overfits': bool(train_top1 is not None and train_top1 >= OVERFIT_TRAIN_TOP1 and passed_peak),
-          'curve': [{'step': p['step'], **{k: v for k, v in p.items() if k.startswith(('accuracy/', 'eval_top1/'))}}
-                    for p in points]}
+          'curve': points}
 
 
 def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run], timings: dict) -> BudgetData:
@@ -229,7 +200,8 @@ def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run]
     try:
       return query.read_table(str(out / run.name))
     except UserError:
-      return None
+      record = archive.load(run.name)
+      return ([query._row(r) for r in record['table']['rows']], record['table'].get('meta', {})) if record else None  # pylint: disable=protected-access
 
   facts: dict[str, list[Any]] = {}
   for run in runs:
@@ -629,11 +601,14 @@ def render_limitations(data: Sequence[BudgetData]) -> list[str]:
 
 
 def render_results(data: Sequence[BudgetData], timings: dict, docs: Path, folders: dict[str, Path]) -> str:
-  invocations = timings.get('invocations', [])
-  commits = sorted({i['commit'] for i in invocations})
+  attempts = [a for t in timings.get('runs', {}).values() for phase in ('train', 'sweep') for a in t.get(phase, [])]
+  commits = sorted({a['commit'] for a in attempts if a.get('commit')})
+  recovered = ' (runs recovered from a replaced machine record no commit: see the git history of this file)' if any(
+      not a.get('commit') for a in attempts) else ''
   md = ['# Reproducing MutualNet\'s claims at CPU scale', '',
         f'_Generated by `benchmarks/reproduce/run.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} '
-        'UTC from the runs\' query tables and the round-1 archive; do not edit by hand (re-run the command '
+        'UTC from the runs\' query tables, their committed records (`benchmarks/reproduce/round2/`) and the round-1 '
+        'archive; do not edit by hand (re-run the command '
         'below)._', '',
         '## Verdicts at a glance', '', *render_overview(data), '',
         f'How a difference is judged (every claim, every round): {vd.RULE}; K = {vd.K:g}. Held / not held: the '
@@ -651,7 +626,7 @@ def render_results(data: Sequence[BudgetData], timings: dict, docs: Path, folder
          'run list: `benchmarks/reproduce/runs.py`):', '',
          '<details><summary>commands</summary>', '', '```', *(_commands(data, timings) or ['(none recorded yet)']),
          '```', '', '</details>', '',
-         f'Code of the runs: {", ".join(f"`{c}`" for c in commits) or "(no invocation recorded)"}; report generated '
+         f'Code of the runs: {", ".join(f"`{c}`" for c in commits) or "(none recorded)"}{recovered}; report generated '
          f'at `{_git("rev-parse", "HEAD")}`.', '',
          '## Wall times', '', *render_timings(data, timings), '',
          '## Limitations', '', *render_limitations(data), '']
@@ -689,6 +664,7 @@ def write_report(out: Path, docs: Path, timings: dict, readme: Path | None = Non
                  round1: Path = ROUND1_ARCHIVE) -> list[Path]:
   """Loads every round, writes docs/reproduce/<round>_<budget>/ (data files, figures), docs/reproduce/verdicts.csv,
   docs/RESULTS.md and, when given, the README's summary; returns the files written."""
+  timings = archive.merged_timings(timings, [r.name for r in runs_lib.ROUND2.runs])
   data = load_all(out, timings, round1)
   folders = {bd.budget.key: docs / 'reproduce' / bd.budget.key for bd in data}
   written = [p for bd in data for p in write_budget_files(bd, folders[bd.budget.key])]

@@ -11,8 +11,10 @@ run is trained with `main.py` (which resumes from its latest checkpoint), then s
 Every subprocess uses this interpreter. OUT/timings.json records per run every attempt (start, seconds, exit
 status, steps, commit, command) and the facts the report quotes (settings from the workdir's config.json, the
 step count from the training log, image counts from the sweep summary and the dataset's split sizes); logs go
-to OUT/logs/. The report (report.py) reads only query tables, timings.json and round 1's archive, so
-`--report_only` regenerates it without training.
+to OUT/logs/. Once a run is trained and swept, its results are recorded in a small committed file beside runs.py
+(archive.py: benchmarks/reproduce/round2/<budget>/<run>.json); a run with a record and no workdir under OUT finished
+on another machine and is skipped. The report (report.py) reads only query tables, timings.json, those records and
+round 1's archive, so `--report_only` regenerates it without training, on any machine.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+import archive  # noqa: E402  pylint: disable=g-import-not-at-top
 import runs as runs_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+import training_log  # noqa: E402  pylint: disable=g-import-not-at-top
 
 DEFAULT_DATA_DIR = '/usr/share/datasets/fashion-mnist'
 TRAINED = re.compile(r'Trained to step (\d+) of (\d+)')
@@ -104,7 +108,7 @@ def logged_steps(log: Path) -> tuple[int, int] | None:
 
 
 def log_path(out: Path, run: runs_lib.Run, phase: str) -> Path:
-  return out / 'logs' / f'{run.name}.{phase}.log'
+  return training_log.path(out, run.name, phase)
 
 
 def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
@@ -180,6 +184,29 @@ def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str
                                    'command': ' '.join(['python'] + cmd[1:])})
   print(f'[{now()}] {run.name}: {phase} exit {rc} after {seconds:.0f} s', flush=True)
   return rc == 0
+
+
+def finished_elsewhere(run: runs_lib.Run, out: Path) -> bool:
+  """A run with a committed record but no workdir under OUT: it finished on another machine (or OUT was
+  cleaned), so it is not trained again."""
+  return archive.load(run.name) is not None and not (out / run.name).exists()
+
+
+def archive_run(run: runs_lib.Run, out: Path, timings: Timings) -> Path | None:
+  """Writes the committed record of a finished run (trained, swept and, for a pilot, its fit measured) when it
+  has none or an outdated one; returns its path when written."""
+  workdir = out / run.name
+  fit_top1 = archive.fit_top1(workdir, runs_lib.FIT_DIR) if run.pilot else None
+  if (not is_trained(run, out) or not table_is_current(workdir, workdir, run.sweep_configs())
+      or (run.pilot and fit_top1 is None)):
+    return None
+  table = _read_json(workdir / 'query_table.json')
+  record = archive.load(run.name)
+  if record and record['table'] == table and record['timings'] == timings.run(run.name):
+    return None
+  log = log_path(out, run, 'train')
+  return archive.save(run.name, table=table, fit_top1=fit_top1, curve=training_log.accuracy_curve(log),
+                      last_interval=training_log.last_interval(log, run.name), timings=timings.run(run.name))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -288,6 +315,10 @@ def main() -> int:
     timings.save()
     wall = time.perf_counter()
     for run in selected:  # priority order
+      if finished_elsewhere(run, out):
+        print(f'[{now()}] {run.name}: finished on another machine ({archive.path_of(run.name).relative_to(REPO)}), '
+              'skipping', flush=True)
+        continue
       if too_late():
         print(f'[{now()}] past --stop_after={args.stop_after}: not starting {run.name}', flush=True)
         continue
@@ -296,12 +327,15 @@ def main() -> int:
         if run.pilot:
           sweep(run, out, timings, env, commit, phase='fit')
       refresh_facts(run, out, timings, split_sizes)
+      archive_run(run, out, timings)
     invocation['end'] = now()
     invocation['seconds'] = round(time.perf_counter() - wall, 1)
     timings.save()
 
-  for run in (r for rnd in runs_lib.ROUNDS for r in rnd.runs):
+  for run in runs_lib.ROUND2.runs:
     refresh_facts(run, out, timings, split_sizes)
+    if archive_run(run, out, timings):
+      print(f'[{now()}] {run.name}: recorded in {archive.path_of(run.name).relative_to(REPO)}', flush=True)
   import report  # pylint: disable=g-import-not-at-top
   written = report.write_report(out, Path(args.docs), timings.data, readme=Path(args.readme) if args.readme else None)
   print(f'[{now()}] report: {len(written)} files, e.g. {", ".join(str(p) for p in written[-2:])}', flush=True)
