@@ -10,15 +10,18 @@ per-attempt timings and the facts the report quotes are the reproduction's (benc
 run is skipped, an interrupted one resumes from its checkpoint, a sweep is skipped when its table belongs to the
 latest checkpoint. A fine-tuning run starts once its source is trained; its log must show that init_from loaded the
 source (otherwise it is not swept, so a run that silently trained from scratch never enters the report).
-Logs: OUT/logs/<run>.{train,sweep}.log.
+Each trained source's kernel-norm growth (kernel_norms.py) is recorded for the report. Logs:
+OUT/logs/<run>.{train,sweep}.log.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +51,23 @@ def init_from_applied(out: Path, run: experiment.Run) -> bool:
   return bool(LOADED.search(log.read_text())) if log.exists() else False
 
 
+def record_kernel_norms(run: experiment.Run, out: Path, timings, env: dict) -> None:
+  """A trained source's kernel-norm growth (kernel_norms.py, in a subprocess: JAX stays out of this driver), once
+  per checkpoint step, into its timings entry for the report."""
+  step = runner.latest_checkpoint(out / run.name)
+  if timings.run(run.name).get('kernel_norms', {}).get('step') == step:
+    return
+  done = subprocess.run([sys.executable, str(HERE / 'kernel_norms.py'), str(out / run.name)], cwd=REPO, env=env,
+                        capture_output=True, text=True)
+  lines = done.stdout.strip().splitlines()
+  if done.returncode != 0 or not lines:
+    print(f'[{runner.now()}] {run.name}: kernel norms failed: {done.stderr.strip().splitlines()[-1:]}', flush=True)
+    return
+  norms = json.loads(lines[-1])
+  timings.run(run.name)['kernel_norms'] = {k: norms[k] for k in ('step', 'whole', 'narrow', 'narrow_width')}
+  timings.save()
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', default='benchmarks/results/transfer', help='Where the run workdirs go.')
@@ -63,11 +83,13 @@ def main() -> int:
   out = (REPO / args.out).resolve() if not os.path.isabs(args.out) else Path(args.out)
   runs = experiment.runs(str(out), args.steps)
   if args.list:
+    total = 0.0
     for run in runs:
-      print(f'{run.phase:<8} {run.name}: python main.py {run.config_arg()} --workdir={out / run.name} '
-            f'{" ".join(run.overrides())}')
-    print(f'{len(runs)} runs; fine-tuning runs are then swept: python main.py --mode=sweep ... '
-          f'{" ".join(runs[-1].sweep_args())}')
+      total += run.estimated_seconds()
+      print(f'{run.phase:<8} ~{run.estimated_seconds() / 60:3.0f} min (total {total / 3600:4.1f} h) {run.name}: '
+            f'python main.py {run.config_arg()} --workdir={out / run.name} {" ".join(run.overrides())}')
+    print(f'{len(runs)} runs, about {total / 3600:.1f} hours at the reproduction\'s measured rates; fine-tuning runs '
+          f'are then swept: python main.py --mode=sweep ... {" ".join(runs[-1].sweep_args())}')
     return 0
 
   out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +120,8 @@ def main() -> int:
         print(f'[{runner.now()}] {run.name}: its source {run.source} is not trained, skipping', flush=True)
         continue
       trained = runner.train(run, out, timings, env, commit)
+      if trained and run.phase == 'pretrain':
+        record_kernel_norms(run, out, timings, env)
       if trained and run.phase == 'finetune':
         applied = run.source is None or init_from_applied(out, run)
         timings.run(run.name)['init_from_applied'] = applied if run.source is not None else None

@@ -21,6 +21,7 @@ for p in (str(HERE), str(HERE.parent / 'reproduce'), str(HERE.parent.parent)):
 
 import experiment  # noqa: E402
 import report as reproduce_report  # noqa: E402  benchmarks/reproduce/report.py
+import training_log  # noqa: E402  benchmarks/reproduce/training_log.py
 import verdicts as vd  # noqa: E402  benchmarks/reproduce/verdicts.py: the house rule
 
 from mutualnet_jax import plots, query  # noqa: E402
@@ -84,6 +85,31 @@ class Data:
   fit: list[dict[str, Any]]               # pre-training runs' last logged training fit
   seconds: dict[str, float]               # phase -> wall seconds of every recorded attempt
   not_applied: list[str]                  # fine-tuning runs whose log shows no init_from load
+  sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # pre-training runs: flatness, norms
+
+
+FLAT = 0.10  # a source's training loss has flattened when its last quarter is less than this much below the one before
+
+
+def loss_flattening(log: Path) -> dict[str, Any] | None:
+  """The labelled network's training cross-entropy, mean of the last quarter of its logged points against the
+  quarter before, and whether the relative drop is below FLAT; None with fewer than 8 logged points."""
+  losses = [p.get('loss/max', p.get('loss/fixed')) for p in training_log.curve(log)]
+  losses = [x for x in losses if x is not None]
+  if len(losses) < 8:
+    return None
+  q = len(losses) // 4
+  before, last = sum(losses[-2 * q:-q]) / q, sum(losses[-q:]) / q
+  drop = (before - last) / before
+  return {'before': before, 'last': last, 'drop': drop, 'flattened': drop < FLAT}
+
+
+def source_facts(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> list[dict[str, Any]]:
+  """Per pre-training run: its loss flattening and its recorded kernel-norm growth (run.py, kernel_norms.py)."""
+  return [{'run': r.name, 'method': r.method, 'seed': r.seed,
+           'loss': loss_flattening(training_log.path(out, r.name)),
+           'kernel_norms': timings.get('runs', {}).get(r.name, {}).get('kernel_norms')}
+          for r in runs if r.phase == 'pretrain']
 
 
 def load(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> Data:
@@ -112,7 +138,8 @@ def load(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> Data:
       seconds[key] = seconds.get(key, 0.0) + sum(a.get('seconds', 0.0) for a in record.get(phase, []))
   not_applied = [r.name for r in runs if timings.get('runs', {}).get(r.name, {}).get('init_from_applied') is False]
   fit = reproduce_report.training_fit(out, [r.name for r in runs if r.phase == 'pretrain'])
-  return Data(tables, run_rows, missing, min(counts) if counts else None, facts, fit, seconds, not_applied)
+  return Data(tables, run_rows, missing, min(counts) if counts else None, facts, fit, seconds, not_applied,
+              source_facts(out, timings, runs))
 
 
 def compute(data: Data) -> list[Verdict]:
@@ -131,7 +158,7 @@ def figure(data: Data, path: Path) -> Path:
   seeds = sorted({len(data.tables[s]) for s in SERIES if data.tables.get(s)})
   series = {s: reproduce_report.seed_mean_rows(data.tables[s]) for s in SERIES if data.tables.get(s)}
   return Path(plots.overlay(series, path, title=(
-      'Fine-tuned on Fashion-MNIST classes 5-9 from 1,000 images\n'
+      f'Fine-tuned on Fashion-MNIST classes 5-9 from {labelled_images():,} images\n'
       f'Pareto frontiers of seed means ({"/".join(map(str, seeds))} seeds per series)')))
 
 
@@ -146,7 +173,7 @@ def write_data(data: Data, verdicts: Sequence[Verdict], folder: Path) -> list[Pa
                   for r in rows)
   (folder / 'verdicts.json').write_text(json.dumps({
       'rule': vd.RULE, 'k': vd.K, 'eval_images': data.eval_images, 'facts': data.facts, 'missing': data.missing,
-      'init_from_not_applied': data.not_applied, 'pretraining_fit': data.fit,
+      'init_from_not_applied': data.not_applied, 'pretraining_fit': data.fit, 'sources': data.sources,
       'verdicts': [v.as_dict() for v in verdicts]}, indent=1))
   written = [folder / 'query_tables.csv', folder / 'verdicts.json']
   if data.run_rows:
@@ -159,6 +186,27 @@ def write_data(data: Data, verdicts: Sequence[Verdict], folder: Path) -> list[Pa
 
 def _pct(x: float) -> str:
   return f'{100 * x:.2f}'
+
+
+def labelled_images() -> int:
+  """The fine-tuning's labelled images (its train split, train[:N])."""
+  return int(experiment.FINETUNE_SETTINGS['train_split'].split(':')[1].rstrip(']'))
+
+
+def render_sources(sources: Sequence[dict[str, Any]]) -> list[str]:
+  """The pre-trained sources beside the verdicts: has each one's training loss flattened, and how far its conv
+  kernels grew (the effective learning rate of a kernel followed by BN is about lr / ‖w‖²)."""
+  lines = ['| source | training CE, last quarter (before) | flattened | ‖W‖ / ‖W_init‖, whole | '
+           'width-0.25 slice |', '|---|---|---|---:|---:|']
+  for src in sources:
+    loss, norms = src['loss'], src['kernel_norms']
+    lines.append(f'| {src["run"]} | ' + (f'{loss["last"]:.3f} ({loss["before"]:.3f}, {-100 * loss["drop"]:+.1f} %) | '
+                                          f'{"yes" if loss["flattened"] else "no"}' if loss else '— | —') + ' | '
+                 + (f'{norms["whole"]:.2f} | {norms["narrow"]:.2f}' if norms else '— | —') + ' |')
+  return lines + ['', f'Flattened: the last quarter of the logged training cross-entropy is less than '
+                  f'{100 * FLAT:.0f} % below the quarter before. Kernel norms: every conv kernel of the tree (the '
+                  'classifier excluded), and the slice the width-0.25 sub-network reads, against the same seed\'s '
+                  'initialisation (`benchmarks/transfer/kernel_norms.py`).']
 
 
 def _est(est: vd.Estimate | None) -> str:
@@ -218,10 +266,16 @@ def render(data: Data, verdicts: Sequence[Verdict], timings: dict) -> str:
        'scale: the quickstart MobileNet v1 (4 stride-2 layers, 28 px) is pre-trained on Fashion-MNIST classes 0-4 '
        f'by MutualNet, US-Net, or as one independent network ({experiment.INDEPENDENT[0]:g}x at '
        f'{experiment.INDEPENDENT[1]} px), then every backbone is fine-tuned the same way '
-       f'({experiment.FINETUNE_METHOD}, a fresh classifier) on classes 5-9 with 1,000 labelled images, and the same '
-       'fine-tuning recipe is run from scratch. Each fine-tuned run is swept over widths '
+       f'({experiment.FINETUNE_METHOD}, a fresh classifier) on classes 5-9 with {labelled_images():,} labelled '
+       'images, and the same fine-tuning recipe is run from scratch. Each fine-tuned run is swept over widths '
        f'{", ".join(f"{w:g}" for w in experiment.SWEEP_WIDTHS)} x resolutions '
        f'{", ".join(map(str, experiment.SWEEP_RESOLUTIONS))} (BN recalibrated per configuration).'),
+      '',
+      (f'**What the independent baseline is.** The paper fine-tunes one independent network per configuration. Here '
+       f'"{INDEPENDENT}" is one backbone pre-trained at {experiment.INDEPENDENT[0]:g}x and '
+       f'{experiment.INDEPENDENT[1]} px, then fine-tuned slimmably like every other source: it tells whether '
+       'MutualNet\'s pre-training transfers better than a single network\'s, not whether one slimmable network '
+       'matches separately fine-tuned ones.'),
       '',
       '## Setup',
       '',
@@ -242,7 +296,7 @@ def render(data: Data, verdicts: Sequence[Verdict], timings: dict) -> str:
   if data.not_applied:
     lines.append(f'- **Not reported: init_from was not applied** (train.py did not load the source): '
                  f'{", ".join(data.not_applied)}.')
-  if data.seconds:
+  if any(data.seconds.values()):
     lines.append('- **Wall time** (every recorded attempt): ' + '; '.join(
         f'{k} {v / 60:.1f} min' for k, v in data.seconds.items() if v) + '.')
   lines += ['', '## Verdicts', '', (f'Rule (benchmarks/reproduce/verdicts.py): {vd.RULE}; a claim over several '
@@ -250,6 +304,8 @@ def render(data: Data, verdicts: Sequence[Verdict], timings: dict) -> str:
                                     'inconclusive otherwise. At a budget each seed takes its own best configuration '
                                     'within it.'), '']
   lines += render_verdicts(verdicts) if verdicts else ['No verdict yet: the compared series have no swept runs.']
+  if data.sources:
+    lines += ['', '## The sources', '', *render_sources(data.sources)]
   if data.run_rows:
     lines += ['', '## Accuracy against multiply-adds', '', '![accuracy vs MACs](transfer/accuracy_macs.png)', '',
               ('Top-1 % (seed mean ± sigma, the configuration each seed picked) within the MACs of each swept '

@@ -1,0 +1,72 @@
+"""The transfer report's kernel-norm diagnostic (benchmarks/transfer/kernel_norms.py): ||W|| / ||W_init|| is 1 for
+a checkpoint of the initialisation itself and follows a known rescaling, for the whole tree and the narrow slice."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import optax
+import pytest
+
+from mutualnet_jax import checkpointing, parallel, workdir as wd
+from mutualnet_jax.models import get_model
+from mutualnet_jax.train_state import create_optimizer, init_state
+from tests.util import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location('kernel_norms', REPO / 'benchmarks/transfer/kernel_norms.py')
+kernel_norms = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_norms)
+
+
+def _workdir(path: Path, data_dir: str, scale: dict[str, float]) -> str:
+  """A checkpoint of seed 3's initial state with the conv kernels of the named layers multiplied by `scale`."""
+  config = tiny_config(data_dir=data_dir, seed=3)
+  tx = create_optimizer(config, optax.constant_schedule(0.0))
+  state = init_state(get_model(config.model), tx, 3, 1, parallel.make_mesh())
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, leaf: leaf * scale.get(str(p[0].key), 1.0) if leaf.ndim == 4 else leaf, state.params)
+  with checkpointing.Checkpoints(str(path), keep=1, expected=checkpointing.fingerprint(config, 1)) as ckpt:
+    ckpt.save(1, state.replace(params=params), {'step': 1})
+  wd.save_config(config, str(path))
+  return str(path)
+
+
+def test_initial_weights_have_ratio_one_and_a_rescaling_shows(tmp_path, fashion_data_dir):
+  same = kernel_norms.ratios(_workdir(tmp_path / 'init', str(fashion_data_dir), {}))
+  assert same['whole'] == pytest.approx(1.0) and same['narrow'] == pytest.approx(1.0)
+  assert same['per_layer'] and all(r == pytest.approx(1.0) for r in same['per_layer'].values())
+  layers = sorted({name.split('/')[0] for name in same['per_layer']})
+  doubled = kernel_norms.ratios(_workdir(tmp_path / 'x2', str(fashion_data_dir), {k: 2.0 for k in layers}))
+  assert doubled['whole'] == pytest.approx(2.0) and doubled['narrow'] == pytest.approx(2.0)
+  one = kernel_norms.ratios(_workdir(tmp_path / 'one', str(fashion_data_dir), {layers[0]: 3.0}))
+  assert one['per_layer'][next(k for k in one['per_layer'] if k.startswith(layers[0] + '/'))] == pytest.approx(3.0)
+  assert 1.0 < one['whole'] < 3.0
+
+
+def _load(name: str, path: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('tail, flattened', [(0.50, True), (0.30, False)])
+def test_the_report_shows_each_sources_flattening_and_norms(tmp_path, tail, flattened):
+  report = _load('transfer_report', 'benchmarks/transfer/transfer_report.py')
+  runs = report.experiment.runs(str(tmp_path))
+  source = runs[0]
+  log = tmp_path / 'logs' / f'{source.name}.train.log'
+  log.parent.mkdir(parents=True)
+  losses = [2.0, 1.0, 0.8, 0.6, 0.55, 0.52, 0.51, tail]  # quarters of 2 points: (0.55 + 0.52) vs (0.51 + tail)
+  log.write_text(''.join(f'I1 logging_writer.py:48] [{25 * (i + 1)}] accuracy/max=0.9, loss/max={x}\n'
+                         for i, x in enumerate(losses)))
+  timings = {'runs': {source.name: {'kernel_norms': {'step': 936, 'whole': 3.5, 'narrow': 7.25,
+                                                     'narrow_width': 0.25}}}, 'invocations': []}
+  report.write_report(tmp_path, tmp_path / 'docs', timings, runs)
+  text = (tmp_path / 'docs' / 'TRANSFER.md').read_text()
+  row = next(line for line in text.splitlines() if line.startswith(f'| {source.name} |'))
+  assert row.split(' | ')[2] == ('yes' if flattened else 'no')
+  assert row.endswith('| 3.50 | 7.25 |')
+  assert 'Independent-1.0@28-pre-trained' in text and 'one independent network per configuration' in text
