@@ -35,7 +35,7 @@ runs_lib, vd = report.runs_lib, report.vd
 @pytest.fixture(autouse=True)
 def _no_committed_records(tmp_path, monkeypatch):
   """Each test sees only the run records it writes, not the repository's (benchmarks/reproduce/round2/)."""
-  monkeypatch.setattr(report.archive, 'ROOT', tmp_path / 'records')
+  monkeypatch.setattr(report.archive.REPRODUCTION, 'root', tmp_path / 'records')
 N = 10_000  # eval images of the synthetic tables (their metadata)
 
 
@@ -428,4 +428,4 @@ def test_a_pilot_is_recorded_only_with_its_fit_measured(tmp_path):
   query.write_table(_rows(lambda *_: 0.995, [runs_lib.FULL]), str(out / run.name / runs_lib.FIT_DIR),
                     {'eval_images': 1000})
   assert driver.archive_run(run, out, timings) is not None
-  assert report.archive.load(run.name)['fit_top1'] == pytest.approx(0.995)
+  assert report.archive.REPRODUCTION.load(run.name)['fit_top1'] == pytest.approx(0.995)

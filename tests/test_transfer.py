@@ -1,5 +1,6 @@
-"""The transfer report's kernel-norm diagnostic (benchmarks/transfer/kernel_norms.py): ||W|| / ||W_init|| is 1 for
-a checkpoint of the initialisation itself and follows a known rescaling, for the whole tree and the narrow slice."""
+"""The transfer experiment's machinery (benchmarks/transfer): the kernel-norm diagnostic (||W|| / ||W_init|| is 1 for
+a checkpoint of the initialisation itself and follows a known rescaling, whole tree and narrow slice), the report's
+sources section, and finished runs' records surviving a fresh machine."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -52,9 +53,16 @@ def _load(name: str, path: str):
   return module
 
 
+@pytest.fixture
+def report(tmp_path, monkeypatch):
+  """benchmarks/transfer/transfer_report.py, its runs' records kept under tmp_path (not the repository's)."""
+  module = _load('transfer_report', 'benchmarks/transfer/transfer_report.py')
+  monkeypatch.setattr(module.experiment.RECORDS, 'root', tmp_path / 'records')
+  return module
+
+
 @pytest.mark.parametrize('tail, flattened', [(0.50, True), (0.30, False)])
-def test_the_report_shows_each_sources_flattening_and_norms(tmp_path, tail, flattened):
-  report = _load('transfer_report', 'benchmarks/transfer/transfer_report.py')
+def test_the_report_shows_each_sources_flattening_and_norms(tmp_path, report, tail, flattened):
   runs = report.experiment.runs(str(tmp_path))
   source = runs[0]
   log = tmp_path / 'logs' / f'{source.name}.train.log'
@@ -70,3 +78,37 @@ def test_the_report_shows_each_sources_flattening_and_norms(tmp_path, tail, flat
   assert row.split(' | ')[2] == ('yes' if flattened else 'no')
   assert row.endswith('| 3.50 | 7.25 |')
   assert 'Independent-1.0@28-pre-trained' in text and 'one independent network per configuration' in text
+
+
+def test_finished_runs_are_recorded_and_survive_a_fresh_machine(tmp_path, report):
+  """A swept fine-tuning and a source with its kernel norms are recorded; with an empty OUT the fine-tuning is not
+  trained again and the report keeps its rows; a source is skipped only once every fine-tuning from it is recorded."""
+  from mutualnet_jax import query  # pylint: disable=g-import-not-at-top
+  driver = _load('transfer_run', 'benchmarks/transfer/run.py')
+  out, fresh = tmp_path / 'old', tmp_path / 'fresh'
+  runs = report.experiment.runs(str(out))
+  source = runs[0]
+  tuned = [r for r in runs if r.source == source.name]
+  timings = driver.runner.Timings(tmp_path / 'timings.json')
+  for run in [source, *tuned]:
+    (out / run.name / 'checkpoints' / '100').mkdir(parents=True)
+    log = driver.runner.log_path(out, run, 'train')
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(''.join(f'I1 logging_writer.py:48] [{s}] accuracy/max=0.9, grad_norm=1.0, loss/max={1 / s}\n'
+                           for s in range(10, 101, 10)) + 'Trained to step 100 of 100\n')
+  assert not driver.record(source, out, timings)  # no kernel norms yet
+  timings.run(source.name)['kernel_norms'] = {'step': 100, 'whole': 2.0, 'narrow': 4.0, 'narrow_width': 0.25}
+  assert driver.record(source, out, timings) and not driver.record(source, out, timings)
+  assert not driver.record(tuned[0], out, timings)  # not swept yet
+  rows = [query.Row(w, r, int(1e6 * w * r), 100, 0.5 + w / 10, 0.9, 1.0) for w, r in tuned[0].sweep_configs()]
+  query.write_table(rows, str(out / tuned[0].name), {'eval_images': 5000, 'checkpoint_step': 100})
+  assert driver.record(tuned[0], out, timings)
+
+  assert driver.finished_elsewhere(tuned[0], fresh, runs) and not driver.finished_elsewhere(tuned[0], out, runs)
+  assert len(tuned) == 1 and driver.finished_elsewhere(source, fresh, runs)
+  assert not driver.finished_elsewhere(runs[1], fresh, runs)  # never recorded
+  docs = tmp_path / 'docs'
+  report.write_report(fresh, docs, {'runs': {}, 'invocations': []}, runs)
+  text = (docs / 'TRANSFER.md').read_text()
+  assert tuned[0].name not in text.split('**Missing**')[1].split('\n')[0]
+  assert next(line for line in text.splitlines() if line.startswith(f'| {source.name} |')).endswith('| 2.00 | 4.00 |')

@@ -160,9 +160,10 @@ def load_round1(archive: Path = ROUND1_ARCHIVE) -> list[BudgetData]:
                    fit) for b in runs_lib.ROUND1.budgets]
 
 
-def training_fit(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
-  """Each run's last training interval, from its log under OUT, else from its archive record."""
-  fits = (training_log.last_interval(training_log.path(out, name), name) or (archive.load(name) or {}).get(
+def training_fit(out: Path, names: Sequence[str], records: archive.Records = archive.REPRODUCTION
+                 ) -> list[dict[str, Any]]:
+  """Each run's last training interval, from its log under OUT, else from its record."""
+  fits = (training_log.last_interval(training_log.path(out, name), name) or (records.load(name) or {}).get(
       'last_interval') for name in names)
   return [fit for fit in fits if fit]
 
@@ -174,7 +175,7 @@ def pilot_evidence(out: Path, run: runs_lib.Run, eval_images: int = 10_000) -> d
   """Whether a pilot run over-fits: its full network's top-1 on its (un-augmented) training images against its
   test top-1 curve during training (peak and final); None before the run has a test curve. From OUT, else from
   the run's archive record."""
-  record = archive.load(run.name) or {}
+  record = archive.REPRODUCTION.load(run.name) or {}
   points = training_log.accuracy_curve(training_log.path(out, run.name)) or record.get('curve', [])
   full = 'eval_top1/fixed' if run.method == 'independent' else 'eval_top1/max'  # the full network's curve
   tests = [(p['step'], p[full]) for p in points if full in p]
@@ -200,7 +201,7 @@ def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run]
     try:
       return query.read_table(str(out / run.name))
     except UserError:
-      record = archive.load(run.name)
+      record = archive.REPRODUCTION.load(run.name)
       return ([query._row(r) for r in record['table']['rows']], record['table'].get('meta', {})) if record else None  # pylint: disable=protected-access
 
   facts: dict[str, list[Any]] = {}
@@ -664,7 +665,7 @@ def write_report(out: Path, docs: Path, timings: dict, readme: Path | None = Non
                  round1: Path = ROUND1_ARCHIVE) -> list[Path]:
   """Loads every round, writes docs/reproduce/<round>_<budget>/ (data files, figures), docs/reproduce/verdicts.csv,
   docs/RESULTS.md and, when given, the README's summary; returns the files written."""
-  timings = archive.merged_timings(timings, [r.name for r in runs_lib.ROUND2.runs])
+  timings = archive.REPRODUCTION.merged_timings(timings, [r.name for r in runs_lib.ROUND2.runs])
   data = load_all(out, timings, round1)
   folders = {bd.budget.key: docs / 'reproduce' / bd.budget.key for bd in data}
   written = [p for bd in data for p in write_budget_files(bd, folders[bd.budget.key])]

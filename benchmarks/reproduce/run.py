@@ -189,7 +189,7 @@ def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str
 def finished_elsewhere(run: runs_lib.Run, out: Path) -> bool:
   """A run with a committed record but no workdir under OUT: it finished on another machine (or OUT was
   cleaned), so it is not trained again."""
-  return archive.load(run.name) is not None and not (out / run.name).exists()
+  return archive.REPRODUCTION.load(run.name) is not None and not (out / run.name).exists()
 
 
 def archive_run(run: runs_lib.Run, out: Path, timings: Timings) -> Path | None:
@@ -201,11 +201,11 @@ def archive_run(run: runs_lib.Run, out: Path, timings: Timings) -> Path | None:
       or (run.pilot and fit_top1 is None)):
     return None
   table = _read_json(workdir / 'query_table.json')
-  record = archive.load(run.name)
+  record = archive.REPRODUCTION.load(run.name)
   if record and record['table'] == table and record['timings'] == timings.run(run.name):
     return None
   log = log_path(out, run, 'train')
-  return archive.save(run.name, table=table, fit_top1=fit_top1, curve=training_log.accuracy_curve(log),
+  return archive.REPRODUCTION.save(run.name, table=table, fit_top1=fit_top1, curve=training_log.accuracy_curve(log),
                       last_interval=training_log.last_interval(log, run.name), timings=timings.run(run.name))
 
 
@@ -316,8 +316,8 @@ def main() -> int:
     wall = time.perf_counter()
     for run in selected:  # priority order
       if finished_elsewhere(run, out):
-        print(f'[{now()}] {run.name}: finished on another machine ({archive.path_of(run.name).relative_to(REPO)}), '
-              'skipping', flush=True)
+        where = archive.REPRODUCTION.path_of(run.name).relative_to(REPO)
+        print(f'[{now()}] {run.name}: finished on another machine ({where}), skipping', flush=True)
         continue
       if too_late():
         print(f'[{now()}] past --stop_after={args.stop_after}: not starting {run.name}', flush=True)
@@ -335,7 +335,7 @@ def main() -> int:
   for run in runs_lib.ROUND2.runs:
     refresh_facts(run, out, timings, split_sizes)
     if archive_run(run, out, timings):
-      print(f'[{now()}] {run.name}: recorded in {archive.path_of(run.name).relative_to(REPO)}', flush=True)
+      print(f'[{now()}] {run.name}: recorded in {archive.REPRODUCTION.path_of(run.name).relative_to(REPO)}', flush=True)
   import report  # pylint: disable=g-import-not-at-top
   written = report.write_report(out, Path(args.docs), timings.data, readme=Path(args.readme) if args.readme else None)
   print(f'[{now()}] report: {len(written)} files, e.g. {", ".join(str(p) for p in written[-2:])}', flush=True)

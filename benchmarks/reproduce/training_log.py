@@ -50,3 +50,10 @@ def curve(log: Path) -> list[dict[str, float]]:
 def accuracy_curve(log: Path) -> list[dict[str, float]]:
   """curve() restricted to the accuracy scalars (CURVE_KEYS)."""
   return [{'step': p['step'], **{k: v for k, v in p.items() if k.startswith(CURVE_KEYS)}} for p in curve(log)]
+
+
+def losses(log: Path) -> list[float]:
+  """The labelled network's logged training cross-entropy, in step order (loss/max for a slimmable run, else
+  loss/fixed)."""
+  values = (p.get('loss/max', p.get('loss/fixed')) for p in curve(log))
+  return [v for v in values if v is not None]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / 'reproduce'))
+import archive  # noqa: E402  benchmarks/reproduce/archive.py: committed per-run records
 import runs as reproduce_runs  # noqa: E402  benchmarks/reproduce/runs.py: the measured training rates
 
 PRETRAIN_CONFIG = 'configs/default.py'
@@ -39,6 +40,9 @@ SWEEP_RESOLUTIONS = (28, 24, 20, 16)
 SOURCES = {'MutualNet-pre-trained': 'mutualnet', 'US-Net-pre-trained': 'usnet',
            'Independent-1.0@28-pre-trained': 'independent', 'Scratch': ''}
 
+# Finished runs' committed records: a fine-tuning's query table, last training interval and timings; a source's loss
+# curve, last training interval and timings (with its kernel norms).
+RECORDS = archive.Records(Path(__file__).resolve().parent / 'records')
 COMMON = {'eval_every_steps': 0, 'log_every_steps': 25, 'checkpoint_every_steps': 100}
 
 

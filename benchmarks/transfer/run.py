@@ -10,8 +10,10 @@ per-attempt timings and the facts the report quotes are the reproduction's (benc
 run is skipped, an interrupted one resumes from its checkpoint, a sweep is skipped when its table belongs to the
 latest checkpoint. A fine-tuning run starts once its source is trained; its log must show that init_from loaded the
 source (otherwise it is not swept, so a run that silently trained from scratch never enters the report).
-Each trained source's kernel-norm growth (kernel_norms.py) is recorded for the report. Logs:
-OUT/logs/<run>.{train,sweep}.log.
+Each trained source's kernel-norm growth (kernel_norms.py) is recorded for the report. Finished runs are recorded in
+small committed files (benchmarks/transfer/records/, archive.py): a run recorded but absent from OUT is not trained
+again (a source only once all its fine-tunings are recorded), and the report reads the records wherever OUT lacks a
+run. Logs: OUT/logs/<run>.{train,sweep}.log.
 """
 from __future__ import annotations
 
@@ -68,6 +70,37 @@ def record_kernel_norms(run: experiment.Run, out: Path, timings, env: dict) -> N
   timings.save()
 
 
+def finished_elsewhere(run: experiment.Run, out: Path, runs: list[experiment.Run]) -> bool:
+  """Recorded but absent from OUT (another machine, or OUT cleaned): not trained again. A source only when every
+  fine-tuning that starts from it is recorded too (an unrecorded one needs its workdir)."""
+  if experiment.RECORDS.load(run.name) is None or (out / run.name).exists():
+    return False
+  return all(experiment.RECORDS.load(r.name) for r in runs if r.source == run.name)
+
+
+def record(run: experiment.Run, out: Path, timings) -> bool:
+  """Commits what the report needs of a finished run (a source trained with its kernel norms, a fine-tuning swept)
+  to its record when it has none or an outdated one; whether it wrote."""
+  entry = timings.run(run.name)
+  log = runner.log_path(out, run, 'train')
+  if not runner.is_trained(run, out):
+    return False
+  fields = {'timings': entry, 'last_interval': runner.training_log.last_interval(log, run.name)}
+  if run.phase == 'pretrain':
+    if 'kernel_norms' not in entry:
+      return False
+    fields['losses'] = runner.training_log.losses(log)
+  else:
+    if not runner.table_is_current(out / run.name, out / run.name, run.sweep_configs()):
+      return False
+    fields['table'] = json.loads((out / run.name / 'query_table.json').read_text())
+  old = experiment.RECORDS.load(run.name)
+  if old and all(old.get(k) == v for k, v in fields.items()):
+    return False
+  experiment.RECORDS.save(run.name, **fields)
+  return True
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', default='benchmarks/results/transfer', help='Where the run workdirs go.')
@@ -113,10 +146,14 @@ def main() -> int:
     wall = time.perf_counter()
     by_name = {r.name: r for r in runs}
     for run in runs:
+      if finished_elsewhere(run, out, runs):
+        print(f'[{runner.now()}] {run.name}: finished on another machine '
+              f'({experiment.RECORDS.path_of(run.name).relative_to(REPO)}), skipping', flush=True)
+        continue
       if too_late():
         print(f'[{runner.now()}] past --stop_after={args.stop_after}: not starting {run.name}', flush=True)
         continue
-      if run.source is not None and not runner.is_trained(by_name[run.source], out):
+      if run.source is not None and not runner.is_trained(by_name[run.source], out):  # a fresh machine retrains it
         print(f'[{runner.now()}] {run.name}: its source {run.source} is not trained, skipping', flush=True)
         continue
       trained = runner.train(run, out, timings, env, commit)
@@ -132,12 +169,16 @@ def main() -> int:
         elif not too_late():
           runner.sweep(run, out, timings, env, commit)
       runner.refresh_facts(run, out, timings, split_sizes)
+      record(run, out, timings)
     invocation['end'] = runner.now()
     invocation['seconds'] = round(time.perf_counter() - wall, 1)
     timings.save()
 
   for run in runs:
     runner.refresh_facts(run, out, timings, split_sizes)
+    if record(run, out, timings):
+      print(f'[{runner.now()}] {run.name}: recorded in {experiment.RECORDS.path_of(run.name).relative_to(REPO)}',
+            flush=True)
   import transfer_report  # noqa: PLC0415  matplotlib: only when the report is written
   written = transfer_report.write_report(out, Path(args.docs), timings.data, runs)
   print(f'[{runner.now()}] report: {", ".join(str(p) for p in written)}', flush=True)

@@ -91,11 +91,9 @@ class Data:
 FLAT = 0.10  # a source's training loss has flattened when its last quarter is less than this much below the one before
 
 
-def loss_flattening(log: Path) -> dict[str, Any] | None:
-  """The labelled network's training cross-entropy, mean of the last quarter of its logged points against the
-  quarter before, and whether the relative drop is below FLAT; None with fewer than 8 logged points."""
-  losses = [p.get('loss/max', p.get('loss/fixed')) for p in training_log.curve(log)]
-  losses = [x for x in losses if x is not None]
+def loss_flattening(losses: Sequence[float]) -> dict[str, Any] | None:
+  """The mean of the last quarter of a training cross-entropy curve against the quarter before, and whether the
+  relative drop is below FLAT; None with fewer than 8 logged points."""
   if len(losses) < 8:
     return None
   q = len(losses) // 4
@@ -107,20 +105,32 @@ def loss_flattening(log: Path) -> dict[str, Any] | None:
 def source_facts(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> list[dict[str, Any]]:
   """Per pre-training run: its loss flattening and its recorded kernel-norm growth (run.py, kernel_norms.py)."""
   return [{'run': r.name, 'method': r.method, 'seed': r.seed,
-           'loss': loss_flattening(training_log.path(out, r.name)),
+           'loss': loss_flattening(training_log.losses(training_log.path(out, r.name))
+                                   or (experiment.RECORDS.load(r.name) or {}).get('losses', [])),
            'kernel_norms': timings.get('runs', {}).get(r.name, {}).get('kernel_norms')}
           for r in runs if r.phase == 'pretrain']
 
 
+def table_of(out: Path, run: experiment.Run) -> tuple[list[Row], dict[str, Any]] | None:
+  """A fine-tuning run's query table from its workdir, else from its record; None when it has neither."""
+  try:
+    return query.read_table(str(out / run.name))
+  except UserError:
+    record = experiment.RECORDS.load(run.name)
+    return ([query._row(r) for r in record['table']['rows']], record['table'].get('meta', {})) if record else None  # pylint: disable=protected-access
+
+
 def load(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> Data:
+  """Everything the report shows, from OUT and, for runs OUT lacks, their records."""
+  timings = experiment.RECORDS.merged_timings(timings, [r.name for r in runs])
   tables: vd.Tables = {}
   run_rows, missing, counts = {}, [], set()
   for run in (r for r in runs if r.phase == 'finetune'):
-    try:
-      rows, meta = query.read_table(str(out / run.name))
-    except UserError:
+    found = table_of(out, run)
+    if found is None:
       missing.append(run.name)
       continue
+    rows, meta = found
     run_rows[run.name] = rows
     counts.add(meta.get('eval_images'))
     tables.setdefault(run.series, {})[run.seed] = rows
@@ -137,7 +147,7 @@ def load(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> Data:
       key = f'{run.phase} {phase}' if phase == 'train' else phase
       seconds[key] = seconds.get(key, 0.0) + sum(a.get('seconds', 0.0) for a in record.get(phase, []))
   not_applied = [r.name for r in runs if timings.get('runs', {}).get(r.name, {}).get('init_from_applied') is False]
-  fit = reproduce_report.training_fit(out, [r.name for r in runs if r.phase == 'pretrain'])
+  fit = reproduce_report.training_fit(out, [r.name for r in runs if r.phase == 'pretrain'], experiment.RECORDS)
   return Data(tables, run_rows, missing, min(counts) if counts else None, facts, fit, seconds, not_applied,
               source_facts(out, timings, runs))
 
