@@ -429,3 +429,21 @@ def test_a_pilot_is_recorded_only_with_its_fit_measured(tmp_path):
                     {'eval_images': 1000})
   assert driver.archive_run(run, out, timings) is not None
   assert report.archive.REPRODUCTION.load(run.name)['fit_top1'] == pytest.approx(0.995)
+
+
+def test_the_recipe_deviations_are_decided_by_their_pair_of_runs(tmp_path):
+  """Without the official-recipe run RESULTS.md says the decision is pending; with it, a context record compares it
+  with MutualNet at every configuration and the section states the outcome."""
+  out, docs = tmp_path / 'runs', tmp_path / 'docs'
+  official = next(r for r in runs_lib.ROUND2.runs if r.diagnostic == 'official' and r.budget.name == 'overfit')
+  assert {'--config.resize_align_corners=True', '--config.bn_calibration=official'} <= set(official.overrides())
+  _write_round2(out, skip=(official.name.rsplit('/', 1)[1],))
+  report.write_report(out, docs, {'runs': {}, 'invocations': []})
+  assert 'Not decided yet' in (docs / 'RESULTS.md').read_text().split('## Recipe deviations')[1]
+  _write_round2(out, jitter=0.0)
+  bd = _budget(out)
+  recipe = _verdict(bd.verdicts, 'recipe')
+  assert recipe.kind == 'context' and recipe.a == 'Official recipe' and len(recipe.comparisons) == 28
+  report.write_report(out, docs, {'runs': {}, 'invocations': []})
+  section = (docs / 'RESULTS.md').read_text().split('## Recipe deviations')[1].split('##')[0]
+  assert f'{bd.title}: **{recipe.status}** at 28 configurations' in section

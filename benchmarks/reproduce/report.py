@@ -42,8 +42,10 @@ from mutualnet_jax.errors import UserError  # noqa: E402
 from mutualnet_jax.query import Row  # noqa: E402
 
 ROUND1_ARCHIVE = HERE / 'round1'  # query_tables.csv (every row of round 1), training_fit.json (from its logs)
-SERIES = ('MutualNet', 'US-Net', 'US-Net+', 'Independent', 'Diagnostic')
-COLOURS = {'MutualNet': 'C3', 'US-Net': 'C0', 'US-Net+': 'C2', 'Independent': 'black', 'Diagnostic': 'C1'}
+SERIES = ('MutualNet', 'US-Net', 'US-Net+', 'Independent', 'Diagnostic', 'Official recipe')
+COLOURS = {'MutualNet': 'C3', 'US-Net': 'C0', 'US-Net+': 'C2', 'Independent': 'black', 'Diagnostic': 'C1',
+           'Official recipe': 'C4'}
+VARIANTS = frozenset(d.series for d in runs_lib.DIAGNOSTICS.values())  # context series, not drawn in the overlay
 README_MARKERS = ('<!-- reproduce-summary:start -->', '<!-- reproduce-summary:end -->')
 # Settings shown per budget (config.json keys and what run.py adds), in this order, with their names in the text.
 FACTS = (('dataset', 'dataset'), ('train_split', 'training split'), ('train_images', 'training images'),
@@ -267,7 +269,7 @@ def overlay_figure(bd: BudgetData, path: Path) -> Path:
   fig, ax = plots.axes(f'{bd.title}: {bd.budget.purpose}\n{seeds}', ylabel='top-1 accuracy (%)', figsize=(8.4, 5.6))
   for name in SERIES:
     series = bd.tables.get(name)
-    if not series or name == 'Diagnostic':
+    if not series or name in VARIANTS:
       continue
     points = vd.per_config(series, bd.eval_images)
     front = query.pareto_frontier(seed_mean_rows(series))
@@ -441,7 +443,7 @@ def render_budget_table(bd: BudgetData) -> list[str]:
 
 
 def render_config_table(bd: BudgetData) -> list[str]:
-  present = [s for s in ('Independent', 'MutualNet', 'US-Net+', 'Diagnostic') if bd.tables.get(s)]
+  present = [s for s in ('Independent', 'MutualNet', 'US-Net+', 'Diagnostic', 'Official recipe') if bd.tables.get(s)]
   points = {s: vd.per_config(bd.tables[s], bd.eval_images) for s in present}
   keys = sorted(set().union(*points.values()), key=lambda k: (-k[1], -k[0]))
   lines = ['| config | MFLOPs | ' + ' | '.join(present) + ' |', '|---|---:|' + '---:|' * len(present)]
@@ -531,7 +533,7 @@ def render_overview(data: Sequence[BudgetData]) -> list[str]:
     return note
   header = '| claim | ' + ' | '.join(bd.title for bd in with_data) + ' |'
   lines = [header, '|---|' + '---|' * len(with_data)]
-  for claim in (c for c in vd.CLAIMS if c not in ('diagnostic', 'widths')):
+  for claim in (c for c in vd.CLAIMS if c not in vd.CONTEXT):
     cells = []
     for bd in with_data:
       v = next((v for v in bd.verdicts if v.claim == claim), None)
@@ -601,6 +603,26 @@ def render_limitations(data: Sequence[BudgetData]) -> list[str]:
   return lines
 
 
+def render_recipe(data: Sequence[BudgetData]) -> list[str]:
+  """The official code's two remaining recipe differences, and what the pair of runs says about them."""
+  lines = ['Two details of the official code differ from this project\'s defaults: it resizes with '
+           '`align_corners=True` (here: half-pixel centres, like TF2 and PIL) and recalibrates BN on augmented '
+           'training batches, averaging per-batch unbiased variances (here: exact pooled statistics of un-augmented '
+           'images). Both are matched behind switches (`--config.resize_align_corners=True`, '
+           '`--config.bn_calibration=official`). They are decided on one pair of runs: MutualNet with both switches '
+           'against MutualNet with the defaults, same seed and budget (`DIAGNOSTICS[\'official\']` in runs.py).', '']
+  found = [(bd, v) for bd in data for v in bd.verdicts if v.claim == 'recipe']
+  if not found:
+    return lines + ['Not decided yet: the pair\'s official-recipe run has not been swept.']
+  for bd, v in found:
+    lines.append(f'- {bd.title}: **{v.status}** at {len(v.comparisons)} configurations ({v.held} above, '
+                 f'{v.not_held} below beyond the noise, {len(v.comparisons) - v.held - v.not_held} within it): '
+                 + ('the deviations do not change the result beyond the noise; the reproduction keeps the defaults.'
+                    if not v.held and not v.not_held else
+                    'the deviations change the result at some configurations; see the record in this budget.'))
+  return lines
+
+
 def render_results(data: Sequence[BudgetData], timings: dict, docs: Path, folders: dict[str, Path]) -> str:
   attempts = [a for t in timings.get('runs', {}).values() for phase in ('train', 'sweep') for a in t.get(phase, [])]
   commits = sorted({a['commit'] for a in attempts if a.get('commit')})
@@ -618,7 +640,8 @@ def render_results(data: Sequence[BudgetData], timings: dict, docs: Path, folder
         'as ± are 1 sigma.', '']
   for bd in data:
     md += render_budget(bd, docs, folders[bd.budget.key])
-  md += ['## Commands', '',
+  md += ['## Recipe deviations', '', *render_recipe(data), '',
+         '## Commands', '',
          '```', 'export MUTUALNET_FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist',
          'nohup python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce > reproduce.log 2>&1 &',
          'python benchmarks/reproduce/run.py --out=benchmarks/results/reproduce --report_only   # this file', '```', '',

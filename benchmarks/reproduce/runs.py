@@ -26,7 +26,26 @@ CONFIG = 'configs/default.py'
 FIT_DIR = 'train_fit'  # in a pilot run's workdir: its query table on the training images
 LATENCY_REPEATS = 5
 LABELS = {'mutualnet': 'MutualNet', 'usnet': 'US-Net', 'independent': 'Independent'}
-DIAGNOSTIC_OVERRIDES = ('--config.inplace_distillation=False',)
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostic:
+  """A MutualNet variant reported as context against MutualNet at the same seed(s), not as a compared method."""
+  series: str                 # the report's series
+  label: str                  # the data files' `method` column
+  stem: str                   # its workdir's name stem
+  overrides: tuple[str, ...]  # what makes it the variant
+
+
+DIAGNOSTICS = {
+    'labels': Diagnostic('Diagnostic', 'MutualNet, no in-place KD', 'mutualnet_labels',
+                         ('--config.inplace_distillation=False',)),
+    # The official code's resize (F.interpolate, align_corners=True) and BN recalibration (augmented training
+    # batches, per-batch unbiased variances averaged): whether this project's deviations change the result.
+    'official': Diagnostic('Official recipe', 'MutualNet, official resize and BN recalibration',
+                           'mutualnet_official_recipe',
+                           ('--config.resize_align_corners=True', '--config.bn_calibration=official')),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,26 +75,26 @@ class Run:
   priority: int
   width: float | None = None       # independent only
   resolution: int | None = None    # independent only
-  diagnostic: bool = False         # MutualNet without in-place distillation: context, not a compared method
+  diagnostic: str = ''             # a DIAGNOSTICS key: a MutualNet variant, context rather than a compared method
   tag: str = ''                    # round 1: the run's label in its CSV when it was not the method's
   extra: tuple[tuple[str, Any], ...] = ()  # settings that change nothing in training (the pilot's test curves)
 
   @property
   def series(self) -> str:
     """Which curve of the report the run feeds."""
-    return 'Diagnostic' if self.diagnostic else LABELS[self.method]
+    return DIAGNOSTICS[self.diagnostic].series if self.diagnostic else LABELS[self.method]
 
   @property
   def label(self) -> str:
     """The run's `method` column in the data files (round 1's CSV used the tags)."""
     if self.tag:
       return self.tag
-    return 'MutualNet, no in-place KD' if self.diagnostic else LABELS[self.method]
+    return DIAGNOSTICS[self.diagnostic].label if self.diagnostic else LABELS[self.method]
 
   def overrides(self) -> list[str]:
     settings = {**self.budget.settings, **dict(self.extra), 'num_epochs': self.budget.epochs, 'seed': self.seed}
     out = [f'--config.{k}={v}' for k, v in settings.items()]
-    out += list(DIAGNOSTIC_OVERRIDES) if self.diagnostic else []
+    out += list(DIAGNOSTICS[self.diagnostic].overrides) if self.diagnostic else []
     if self.method == 'independent':
       out += [f'--config.independent_width={self.width}', f'--config.independent_resolution={self.resolution}']
     return out
@@ -167,7 +186,7 @@ ROUND1 = Round(
         Run(_R1_LONG, 'mutualnet_s0_4ep', 'mutualnet', 0, 2, tag='MutualNet, 4 epochs'),
         _r1_independent(1.0, 28, priority=2, budget=_R1_LONG, tag='Independent, 4 epochs'),
         *[_r1_independent(w, r, priority=3) for r in (24, 20, 16) for w in (1.0, 0.25, 0.5, 0.75)],
-        Run(_R1_SHORT, 'mutualnet_labels_s0', 'mutualnet', 0, 4, diagnostic=True),
+        Run(_R1_SHORT, 'mutualnet_labels_s0', 'mutualnet', 0, 4, diagnostic='labels'),
     ))
 
 
@@ -235,8 +254,8 @@ _R2_BUDGETS = (
 
 def _r2_runs(budget: Budget) -> list[Run]:
   def run(method: str, seed: int, priority: int, width: float | None = None, resolution: int | None = None,
-          diagnostic: bool = False, extra: tuple[tuple[str, Any], ...] = ()) -> Run:
-    stem = ('mutualnet_labels' if diagnostic else
+          diagnostic: str = '', extra: tuple[tuple[str, Any], ...] = ()) -> Run:
+    stem = (DIAGNOSTICS[diagnostic].stem if diagnostic else
             f'independent_w{width:g}_r{resolution}' if method == 'independent' else method)
     # The subset and epochs in the folder name: changing them starts fresh workdirs instead of resuming another run.
     split = budget.settings['train_split'].replace('train[:', '').rstrip(']') or 'all'
@@ -257,8 +276,9 @@ def _r2_runs(budget: Budget) -> list[Run]:
       *[run('usnet', seed, 3) for seed in CORE_SEEDS],
       # 4: independent networks at other configurations (claim 4b), 2 seeds.
       *[run('independent', seed, 4, w, r) for seed in GRID_SEEDS for w, r in OTHER_INDEPENDENT],
-      # 5: context: MutualNet without in-place distillation.
-      run('mutualnet', 0, 5, diagnostic=True),
+      # 5: context: MutualNet with the official resize and BN recalibration (the recipe deviations decided on this
+      # pair with seed 0), and without in-place distillation.
+      run('mutualnet', 0, 5, diagnostic='official'), run('mutualnet', 0, 5, diagnostic='labels'),
   ]
 
 
