@@ -7,6 +7,7 @@ network of that (width, resolution) that takes raw images.
   net = run.network(row.width, row.resolution)       # narrow parameters + this configuration's BN statistics
   logits = net(images)                               # raw uint8 / [0, 255] images, any size
   path = run.export(row.width, row.resolution)       # the same network on disk; mutualnet_jax.load(path) reads it
+  run.calibrate(my_images, [0.5], [28])             # BN statistics from any raw images (no labels), kept in the store
   adaptive = run.adaptive(image_size=28)             # every configuration some budget picks, compiled for batch 1
   logits = adaptive(images[:1], budget_ms=2)         # the most accurate one within 2 ms; adaptive.last names it
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
@@ -88,6 +89,19 @@ class Run:
       source = {'workdir': os.fspath(self.workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest}
       path = path or export.default_path(self.workdir, net.width, net.resolution)
       return export.save(net, path, self.config.model.to_dict(), source, overwrite=overwrite)
+
+  def calibrate(self, images: Any, widths: Sequence[float] | None = None, resolutions: Sequence[int] | None = None,
+                split: str | None = None) -> dict[str, Any]:
+    """BN statistics of the selected configurations (default: the sweep grid) calibrated on `images` instead of
+    the run's training split, stored in the workdir, where `network`, `export` and the sweep then find them (they
+    read no dataset for these). `images`: raw pixels (N, H, W, C) (or a list of differently sized images), a
+    folder of image files, an .npy, or 'tfds:NAME' (a prepared TFDS dataset of any classes; its `split`, default
+    'train'); labels are not needed. At most config.calibration_images are used. Returns counts and time."""
+    run = self.trained
+    source = input_pipeline.image_source(self.config, images, run.channels, split)
+    pairs = trained_run.selection(self.config, widths, resolutions)
+    with workdir_lib.lock(self.workdir, 'mutualnet_jax.api calibrate', post_training=True):
+      return run.calibrate(pairs, source)
 
   def adaptive(self, budget_mflops: float | None = None, budget_ms: float | None = None,
                configurations: Sequence[Row | tuple[float, int]] | None = None, batch_size: int = 1,

@@ -107,7 +107,8 @@ class StatsStore:
   width, resolution, checksum, provenance).
 
   `provenance` describes what the statistics depend on (checkpoint parameters, calibration images and batch size,
-  preprocessing); an item saved under another provenance is stale and is recalibrated, never reused.
+  preprocessing); an item saved under another provenance is stale and is recalibrated, never reused, except as
+  `accepts` says.
   """
 
   def __init__(self, workdir: str):
@@ -139,7 +140,7 @@ class StatsStore:
     if not checksum_ok:
       logging.warning('BN statistics %s do not match their checksum (corrupt); recomputing them.', path)
       return None
-    if meta.get('provenance') != dict(provenance):
+    if not accepts(meta.get('provenance') or {}, provenance):
       logging.info('BN statistics %s were calibrated for another checkpoint or settings; recomputing them.', path)
       return None
     return stats
@@ -154,6 +155,21 @@ class StatsStore:
     self._checkpointer.save(path, args=ocp.args.Composite(stats=ocp.args.StandardSave(stats),
                                                           meta=ocp.args.JsonSave(meta)), force=True)
     return path
+
+
+WEIGHTS = ('params_digest', 'checkpoint_step')  # the provenance entries that name the weights
+
+
+def accepts(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+  """Whether statistics stored under `stored` serve a lookup for `wanted`: the same provenance; statistics of the
+  same weights kept from an official checkpoint ('official'), for any lookup (they come from its whole training
+  set, where a calibration here would only replace them with fewer images); and, for a lookup from the run's own
+  dataset (no 'images' entry), statistics of the same weights from explicitly given images (`--images`,
+  `run.calibrate`): what the user chose stands until replaced."""
+  if dict(stored) == dict(wanted):
+    return True
+  same_weights = all(stored.get(k) == wanted.get(k) for k in WEIGHTS)
+  return same_weights and (bool(stored.get('official')) or ('images' in stored and 'images' not in wanted))
 
 
 def get_or_calibrate(store: StatsStore, calibrator: Calibrator, params: Any, width: float, resolution: int,

@@ -166,9 +166,8 @@ class Checkpoints:
       self.manager.close()
 
 
-def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config that the newest readable checkpoint of `workdir` recorded (checkpoints keep it in their metadata),
-  or None: what decides resume refusals and post-training settings when config.json is gone or damaged."""
+def _newest_meta(workdir: str, key: str) -> dict[str, Any] | None:
+  """The `key` entry of the newest readable checkpoint's metadata that holds it as a dict, or None."""
   directory = absolute(workdir) / CHECKPOINT_DIR
   if not directory.exists():
     return None
@@ -180,11 +179,25 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
       except Exception:  # noqa: BLE001  a damaged checkpoint: the one before may still hold the record
         continue
-      if isinstance(meta.get('config'), dict):
-        return workdir_lib.config_from_record(meta['config'])
+      if isinstance(meta.get(key), dict):
+        return meta[key]
   finally:
     manager.close()
   return None
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config that the newest readable checkpoint of `workdir` recorded (checkpoints keep it in their metadata),
+  or None: what decides resume refusals and post-training settings when config.json is gone or damaged."""
+  record = _newest_meta(workdir, 'config')
+  return None if record is None else workdir_lib.config_from_record(record)
+
+
+def recorded_channels(workdir: str) -> int | None:
+  """The input channels the newest readable checkpoint was trained for (its fingerprint), or None: what lets a
+  trained or converted run open without reading its dataset."""
+  channels = (_newest_meta(workdir, 'fingerprint') or {}).get('channels')
+  return channels if isinstance(channels, int) else None
 
 
 def training_config(workdir: str) -> ml_collections.ConfigDict:

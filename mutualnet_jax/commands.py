@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -68,9 +67,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, options: Options) -> 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
   from mutualnet_jax import sweep  # noqa: PLC0415  heavy: JAX + TensorFlow
-  r = sweep.calibrate(config, workdir, _optional(options.width), _optional(options.resolution), out=options.out)
-  return _render(options, r, f"{r['calibrated']} configurations calibrated, {r['reused']} reused from {r['store']} "
-                             f"in {r['seconds']:.1f} s ({r['compiles']} compilations).")
+  r = sweep.calibrate(config, workdir, _optional(options.width), _optional(options.resolution), out=options.out,
+                      images=options.images, split=options.split)
+  return _render(options, r, f"{r['calibrated']} configurations calibrated on {r['images']}, {r['reused']} reused "
+                             f"from {r['store']} in {r['seconds']:.1f} s ({r['compiles']} compilations).")
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
@@ -79,9 +79,12 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, options: Options) -> 
     raise UserError(f'--latency_repeats must be at least 1, got {options.latency_repeats}.')
   s = sweeping.run_sweep(config, workdir, options.widths, options.resolutions,
                          latency_repeats=options.latency_repeats, batch_latency=options.batch_latency,
-                         tflite_latency=options.tflite_latency, out=options.out)
+                         tflite_latency=options.tflite_latency, out=options.out, images=options.images,
+                         split=options.split)
+  accuracy = '' if s['accuracy'] == 'the eval split' else f"\naccuracy {s['accuracy']}"
   return _render(options, s, f"{s['configurations']} configurations in {s['wall_seconds']:.0f} s "
-                             f"({s['compiles']} compilations): {', '.join(s.get('table', []))}; plot {s.get('plot')}")
+                             f"({s['compiles']} compilations): {', '.join(s.get('table', []))}; plot {s.get('plot')}"
+                             f"{accuracy}")
 
 
 def query(config: ml_collections.ConfigDict | None, workdir: str, options: Options) -> str:
@@ -104,44 +107,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, options: Options) ->
 
 
 PREDICT_COUNT = 10  # images of the split that --mode=predict runs by default
-_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
-
-
-def _read_images(path: str, channels: int) -> Any:
-  """Raw images (N, H, W, C) from an .npy file ((N, H, W) too for one channel) or a folder of image files (sorted
-  by name, converted to the run's channels)."""
-  import numpy as np  # noqa: PLC0415  query and plot start without it
-  if os.path.isdir(path):
-    from PIL import Image  # noqa: PLC0415  (matplotlib's dependency)
-    if channels not in (1, 3):
-      raise UserError(f'a folder of image files gives 1 or 3 channels, but the run takes {channels}: pass an .npy.')
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_SUFFIXES))
-    if not names:
-      raise UserError(f'{path} holds no image files ({", ".join(_IMAGE_SUFFIXES)}).')
-    images = []
-    for name in names:
-      try:
-        with Image.open(os.path.join(path, name)) as image:
-          images.append(np.asarray(image.convert('L' if channels == 1 else 'RGB')))
-      except OSError as e:
-        raise UserError(f'{os.path.join(path, name)} is not a readable image ({" ".join(str(e).split())}).') from None
-    if len({i.shape for i in images}) > 1:
-      raise UserError(f'the images in {path} differ in size: resize them to one size (the adaptive network is '
-                      'compiled for one).')
-    array = np.stack(images)
-  elif path.endswith('.npy'):
-    try:
-      array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise UserError(f'{path} is not a readable .npy file ({" ".join(str(e).split())}).') from None
-  else:
-    raise UserError(f'--images={path} is neither a folder of image files nor an .npy file.')
-  array = array[..., None] if array.ndim == 3 and channels == 1 else array
-  if array.ndim != 4 or array.shape[-1] != channels or not len(array):
-    raise UserError(f'{path} holds images shaped {array.shape}: expected (N, height, width, {channels}).')
-  return array
-
-
 def predict(config: ml_collections.ConfigDict, workdir: str, options: Options) -> str:
   """Runs the run's budget-adaptive network (batch 1) on images of its eval split or of --images: per image the
   configuration that ran and the predicted class, then top-1 where the split gives labels."""
@@ -154,7 +119,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, options: Options) -
   run = api.open(workdir, config)
   run.best(options.budget_mflops, options.budget_ms)  # a budget nothing fits fails before anything compiles
   if options.images:
-    images, labels = _read_images(options.images, run.trained.channels)[:options.count], None
+    from mutualnet_jax import input_pipeline  # noqa: PLC0415  heavy: TensorFlow
+    images, labels = input_pipeline.read_images(options.images, run.trained.channels)[:options.count], None
+    if isinstance(images, list):
+      raise UserError(f'the images in {options.images} differ in size: resize them to one size (the adaptive '
+                      'network is compiled for one).')
   else:
     images, labels = run.examples(options.count or PREDICT_COUNT, options.split)
     if isinstance(images, list):

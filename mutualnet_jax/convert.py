@@ -16,9 +16,18 @@ generated from this project's model definitions (`models/mobilenet_v1.py` BLOCKS
   classifier.0                           the linear classifier
 
 Layouts: conv OIHW -> HWIO, depthwise (C, 1, K, K) -> (K, K, C), linear (out, in) -> (in, out), BN weight/bias ->
-scale/bias. BN running statistics (and US-Net's per-width `bn.<i>` buffers) are not used: this project calibrates BN
-per (width, resolution) after training, as both papers do; the per-width buffers only tell which widths the network
-was trained down to, which is checked against `config.width_range`.
+scale/bias.
+
+BN statistics: a slimmable BN layer (`USBatchNorm2d`) tracks none of its own; its `bn.<i>` children hold running
+statistics for the i-th width of the training script's `width_mult_list` ([0.25, 1.0] for MutualNet, 0.025 steps for
+US-Net's calibrated models), which the official evaluation uses at exactly those widths. The width of each `bn.<i>`
+is read off its channel counts (every width that gives the same counts in every layer is the same sub-network);
+non-slimmed BN layers (MobileNet v2's last) keep one set, used at every width as the official code does. Those
+statistics go into the workdir's BN-statistics store (`bn_calibration.StatsStore`) for each such width in the trained
+range at the recipe's highest resolution (the one the official code evaluates at), so `run.network(w, r)` and the
+sweep take them without a dataset; other configurations are calibrated (`--mode=calibrate`, any `--images`). The
+smallest `bn.<i>` also tells which width the network was trained down to, which is checked against
+`config.width_range`.
 
 The checkpoint is untrusted input: it is read with `torch.load(weights_only=True)`, which unpickles tensors and
 plain containers only and never runs code from the file; anything else is a one-line error.
@@ -32,7 +41,7 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +51,8 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mutualnet_jax import checkpointing, parallel, slim, workdir as workdir_lib
+from mutualnet_jax import (bn_calibration, checkpointing, parallel, programs, slim, trained_run,
+                           workdir as workdir_lib)
 from mutualnet_jax.cli import loaded_config, run_cli
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
@@ -52,7 +62,7 @@ from mutualnet_jax.train_state import TrainState, create_optimizer
 
 OFFICIAL = {'mobilenet_v1': MobileNetV1, 'mobilenet_v2': MobileNetV2}  # the backbones with official checkpoints
 _BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
-_WIDTH_BUFFER = re.compile(r'^(?P<layer>.+)\.bn\.\d+\.running_mean$')  # USBatchNorm2d's per-width statistics
+_WIDTH_BUFFER = re.compile(r'^(?P<layer>.+)\.bn\.(?P<index>\d+)\.running_mean$')  # USBatchNorm2d's per-width stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,15 +233,73 @@ def _check_width_range(state: Mapping[str, np.ndarray], mapping: KeyMap, min_wid
       smallest[match['layer']] = min(smallest.get(match['layer'], value.size), value.size)
   if not smallest or all(mapping.slim_bns[k].channels(min_width) == c for k, c in smallest.items()):
     return
-  fits = [float(w) for w in np.round(np.arange(0.05, 4.0, 0.005), 3)
-          if all(mapping.slim_bns[k].channels(w) == c for k, c in smallest.items())]
+  fits = _widths_giving(mapping, smallest)
   if not fits:
     raise UserError(f'{path}: its BN layers track channel counts that no width gives: convert only the official '
                     'MobileNet v1/v2 models.')
-  guess = next((w for w in fits if abs(20 * w - round(20 * w)) < slim.WIDTH_TOL), fits[0])  # grids step by 0.05
+  guess = _roundest(fits)
   raise UserError(f'{path} was trained down to width {guess:g} (the smallest width its BN layers track; '
                   f'{fits[0]:g}-{fits[-1]:g} have the same channels), not config.width_range[0]={min_width:g}: set '
                   f'--config.width_range=({guess:g},{max_width:g}).')
+
+
+def _widths_giving(mapping: KeyMap, channels: Mapping[str, int]) -> list[float]:
+  """The widths (0.005 steps) at which each slimmable BN layer named in `channels` has that many channels."""
+  return [float(w) for w in np.round(np.arange(0.05, 4.0, 0.005), 3)
+          if all(mapping.slim_bns[k].channels(w) == c for k, c in channels.items())]
+
+
+def _roundest(widths: Sequence[float]) -> float:
+  """The width a training script most likely named among `widths` (the same sub-network): the first multiple of
+  0.05 (the evaluation grids), else of 0.025 (US-Net's list), else of 0.01, else the smallest."""
+  for step in (0.05, 0.025, 0.01):
+    for w in widths:
+      if abs(w / step - round(w / step)) < slim.WIDTH_TOL:
+        return w
+  return widths[0]
+
+
+def _bn_layers(mapping: KeyMap) -> dict[str, str]:
+  """Official BN prefix -> this project's layer name, for every BN layer."""
+  return {key.removesuffix('.weight'): entry.path[0] for key, entry in mapping.entries.items()
+          if entry.path[1:] == ('bn', 'scale')}
+
+
+def official_statistics(state: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
+                        channels: int) -> dict[float, Any]:
+  """{width: BN statistics in the store's form} for every width of the trained range whose statistics the
+  checkpoint holds (see the module docstring): per-width `bn.<i>` buffers, a layer's own running statistics where
+  they have that width's channel count (a non-slimmed layer: at every width). Empty when it holds none."""
+  mapping = key_map(config.model.name)
+  layers = _bn_layers(mapping)
+  indices = sorted({int(m['index']) for k in state if (m := _WIDTH_BUFFER.match(k))})
+  named = []
+  for i in indices:
+    fits = _widths_giving(mapping, {p: state[f'{p}.bn.{i}.running_mean'].size for p in mapping.slim_bns
+                                    if f'{p}.bn.{i}.running_mean' in state})
+    if fits:
+      named.append(_roundest(fits))
+  lo, hi = trained_run.trained_width_range(config)
+  grid = trained_run.sweep_widths(config)
+  counts = lambda w: {p: rule.channels(w) for p, rule in mapping.slim_bns.items()}  # noqa: E731
+  widths = sorted({w for n in named for w in (n, *grid) if counts(w) == counts(n) and lo - slim.WIDTH_TOL <= w
+                   <= hi + slim.WIDTH_TOL} | ({hi} if all(f'{p}.running_mean' in state for p in layers) else set()))
+  model = get_model(config.model)
+  params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), model.min_resolution, channels))
+  shapes = programs.BNShapes(model, channels)
+  found = {}
+  for width in widths:
+    stats = {}
+    for prefix, name in layers.items():
+      size = shapes(params, width)[name]['bn'][0]
+      keys = [f'{prefix}.bn.{i}' for i in indices] + [prefix]
+      key = next((k for k in keys if f'{k}.running_mean' in state and state[f'{k}.running_mean'].size == size), None)
+      if key is None:
+        break
+      stats[name] = {'bn': {'mean': state[f'{key}.running_mean'], 'var': state[f'{key}.running_var']}}
+    else:
+      found[slim.canonical_width(width)] = stats
+  return found
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
@@ -287,17 +355,27 @@ def convert(checkpoint: str | os.PathLike, config: ml_collections.ConfigDict, wo
                     '(e.g. --config=configs/mobilenet_v1_imagenet.py:usnet).')
   if (workdir_lib.absolute(workdir) / workdir_lib.CHECKPOINT_DIR).exists():
     raise UserError(f'{workdir} already holds checkpoints: pass a fresh --workdir for the converted model.')
-  params, channels = convert_state_dict(read_state_dict(checkpoint), config, checkpoint)
+  state_dict = read_state_dict(checkpoint)
+  params, channels = convert_state_dict(state_dict, config, checkpoint)
+  statistics = official_statistics(state_dict, config, channels)
   workdir_lib.check_writable(workdir)
   tx = create_optimizer(config, optax.constant_schedule(0.0))
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   meta = {'step': 0, 'converted_from': os.path.abspath(checkpoint), 'sha256': _file_digest(checkpoint)}
+  resolution = trained_run.trained_resolutions(config)[0]
+  provenance = {'params_digest': bn_calibration.tree_digest(params), 'checkpoint_step': 0,
+                'images': f'the official checkpoint {os.path.basename(checkpoint)}', 'images_digest': meta['sha256'],
+                'official': True}
   with workdir_lib.lock(workdir, 'mutualnet_jax.convert'), checkpointing.Checkpoints(
       workdir, keep=config.keep_checkpoints, expected=checkpointing.fingerprint(config, channels)) as ckpt:
     ckpt.save(0, parallel.replicate(state, parallel.make_mesh()), meta)
     workdir_lib.save_config(config, workdir)
+    store = bn_calibration.StatsStore(workdir)
+    for width, stats in statistics.items():
+      store.save(width, resolution, stats, provenance)
   return {**meta, 'workdir': os.fspath(workdir), 'model': config.model.name, 'channels': channels,
-          'parameters': int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+          'parameters': int(sum(np.size(x) for x in jax.tree.leaves(params))),
+          'bn_statistics': {'widths': sorted(statistics), 'resolution': resolution}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,8 +396,20 @@ def _main(argv: Any) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   summary = convert(f.checkpoint, loaded_config(f.config), f.workdir)
-  print(f"Converted {summary['parameters']:,} parameters of {summary['model']} into {summary['workdir']}; next: "
-        f"python main.py --mode=sweep --workdir={summary['workdir']}")
+  print(f"Converted {summary['parameters']:,} parameters of {summary['model']} into {summary['workdir']}.")
+  print(describe_statistics(summary))
+  print(f"Next: python main.py --mode=sweep --workdir={summary['workdir']} [--images=DIR_OR_NPY_OR_tfds:NAME]")
+
+
+def describe_statistics(summary: Mapping[str, Any]) -> str:
+  """Which configurations run without a dataset after `convert`, in a line."""
+  widths, resolution = summary['bn_statistics']['widths'], summary['bn_statistics']['resolution']
+  if not widths:
+    return ('The checkpoint holds no BN statistics: calibrate before use (--mode=calibrate, or --images=... for '
+            'images other than the recipe\'s dataset).')
+  return (f"BN statistics of the official checkpoint kept for width {', '.join(f'{w:g}' for w in widths)} at "
+          f"{resolution} px: run.network(width, {resolution}) needs no dataset for these; other configurations are "
+          'calibrated on first use (the recipe\'s dataset, or --images=... / run.calibrate(images)).')
 
 
 if __name__ == '__main__':

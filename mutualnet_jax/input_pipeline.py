@@ -6,6 +6,7 @@ element. So `train_iterator(start_step=k)` yields the batches that steps k, k+1,
 and a restarted job trains on exactly the data it would have trained on without the restart.
 """
 import dataclasses
+import hashlib
 import math
 import os
 import tempfile
@@ -77,26 +78,28 @@ def _data_dir(config: ml_collections.ConfigDict) -> str | None:
   return data_dir
 
 
-def _load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The dataset's builder, prepared: local builders prepare on first use, others must already be prepared."""
+def _load_builder(config: ml_collections.ConfigDict, name: str | None = None) -> tfds.core.DatasetBuilder:
+  """The builder of dataset `name` (default: the run's), prepared: local builders prepare on first use, others must
+  already be prepared."""
+  name = name or config.dataset
   data_dir = _data_dir(config)
   try:
-    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f'Unknown dataset {config.dataset!r}: set --config.dataset to a TFDS name (e.g. cifar10, '
+    raise UserError(f'Unknown dataset {name!r}: set --config.dataset to a TFDS name (e.g. cifar10, '
                     f'imagenet2012) or one of the offline builders {sorted(datasets.LOCAL_BUILDERS)}.') from None
   if not builder.is_prepared():
-    _prepare(builder, config)
+    _prepare(builder, name, config)
   return builder
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> None:
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, config: ml_collections.ConfigDict) -> None:
   """Prepares a local builder from its raw files; anything else would need a network, so it is the user's job."""
-  local = datasets.LOCAL_BUILDERS.get(_base_name(config.dataset))
+  local = datasets.LOCAL_BUILDERS.get(_base_name(name))
   root = os.fspath(builder.data_dir_root)
   if local is None:
-    raise UserError(f'Dataset {config.dataset!r} is not prepared in {root}: prepare it with `tfds build '
-                    f'{config.dataset} --data_dir={root}` on a machine with network (or with its manual files), '
+    raise UserError(f'Dataset {name!r} is not prepared in {root}: prepare it with `tfds build '
+                    f'{name} --data_dir={root}` on a machine with network (or with its manual files), '
                     'or set --config.data_dir to where it is.')
   _check_writable(root, config)
   manual_dir = local.check_raw_dir(local.raw_dir(config.manual_dir))
@@ -200,12 +203,17 @@ class _Preprocessor:
     return image
 
   def eval(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = self._decodable(example['image'])
+    return self._finish(self._eval_pixels(example['image']), example['label'])
+
+  def eval_image(self, image: tf.Tensor) -> tf.Tensor:
+    """`eval` of an image without a label (what BN calibration reads)."""
+    return self._finish(self._eval_pixels(image), tf.constant(0))['image']
+
+  def _eval_pixels(self, image: tf.Tensor) -> tf.Tensor:
+    image = self._decodable(image)
     if self.augmentation == 'imagenet':
-      image = self._crop(image, self._centre_window(image))
-    else:
-      image = self._whole(image)
-    return self._finish(self._resize(image), example['label'])
+      return self._resize(self._crop(image, self._centre_window(image)))
+    return self._resize(self._whole(image))
 
   def padding(self) -> dict[str, tf.Tensor]:
     """An all-zero example with mask 0, to fill the last eval batches."""
@@ -281,6 +289,18 @@ def normalization(config: ml_collections.ConfigDict, channels: int) -> tuple[tup
   return mean, std
 
 
+def _preprocessor(config: ml_collections.ConfigDict, source_shape: tuple[int | None, ...],
+                 jpeg: bool = False) -> _Preprocessor:
+  """The run's preprocessing (its normalisation, crop and input size) of images shaped `source_shape`, whatever
+  dataset they come from."""
+  channels = source_shape[-1]
+  mean, std = normalization(config, channels)
+  return _Preprocessor(augmentation=config.augmentation, size=input_size(config), channels=channels,
+                       source_shape=source_shape, jpeg=jpeg, crop_scale=tuple(config.crop_scale),
+                       pad_crop=config.pad_crop, mean=mean, std=std, color_jitter=float(config.color_jitter),
+                       lighting=float(config.lighting))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Source:
   """A prepared dataset plus the config, with the reads every pipeline shares."""
@@ -297,12 +317,7 @@ class _Source:
 
   def preprocessor(self) -> _Preprocessor:
     image_feature = self.builder.info.features['image']
-    channels = image_feature.shape[-1]
-    mean, std = normalization(self.config, channels)
-    return _Preprocessor(augmentation=self.config.augmentation, size=input_size(self.config), channels=channels,
-                         source_shape=tuple(image_feature.shape), jpeg=image_feature.encoding_format == 'jpeg',
-                         crop_scale=tuple(self.config.crop_scale), pad_crop=self.config.pad_crop, mean=mean, std=std,
-                         color_jitter=float(self.config.color_jitter), lighting=float(self.config.lighting))
+    return _preprocessor(self.config, tuple(image_feature.shape), image_feature.encoding_format == 'jpeg')
 
   def read(self, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Examples with encoded images: in file order, or with the files in a seeded order if `shuffle_seed`."""
@@ -315,14 +330,17 @@ class _Source:
     return None not in shape and num_examples * math.prod(shape) <= _CACHE_LIMIT_BYTES
 
 
-def _load(config: ml_collections.ConfigDict) -> _Source:
-  source = _Source(_load_builder(config), config)
+def _load(config: ml_collections.ConfigDict, name: str | None = None, *, labels: bool = True) -> _Source:
+  """Dataset `name` (default: the run's) with the run's preprocessing; `labels`: its labels must be the model's
+  classes (BN calibration reads none, so it takes a dataset of any classes)."""
+  name = name or config.dataset
+  source = _Source(_load_builder(config, name), config)
   features = source.builder.info.features
-  if not {'image', 'label'} <= set(features.keys()):
-    raise UserError(f'Dataset {config.dataset!r} has features {sorted(features.keys())}, not image + label: use an '
+  if not ({'image', 'label'} if labels else {'image'}) <= set(features.keys()):
+    raise UserError(f'Dataset {name!r} has features {sorted(features.keys())}, not image + label: use an '
                     'image classification dataset.')
-  if features['label'].num_classes != config.model.num_classes:
-    raise UserError(f'Dataset {config.dataset!r} has {features["label"].num_classes} classes but '
+  if labels and features['label'].num_classes != config.model.num_classes:
+    raise UserError(f'Dataset {name!r} has {features["label"].num_classes} classes but '
                     f'config.model.num_classes={config.model.num_classes}: set --config.model.num_classes='
                     f'{features["label"].num_classes}.')
   return source
@@ -434,23 +452,162 @@ class Replay:
     self._kept = kept
 
 
-def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int,
-                         global_batch_size: int) -> Iterator[Batch]:
-  """The same `num_images` training images on every call (seeded by config.seed only), with eval preprocessing.
+def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int, global_batch_size: int,
+                         dataset: str | None = None, split: str | None = None) -> Iterator[Batch]:
+  """The same `num_images` training images on every call (seeded by config.seed only), with eval preprocessing:
+  from config.train_split of the run's dataset, or from `split` (default 'train') of another prepared TFDS
+  `dataset` of any classes (no labels are read), preprocessed as the run's images.
 
   These recompute batch-norm statistics of a sub-network after training, so they must not depend on how far
   training got; only full batches are yielded (num_images // global_batch_size of them).
   """
-  source = _load(config)
+  source = _load(config) if dataset is None else _load(config, dataset, labels=False)
+  split = config.train_split if dataset is None else split or 'train'
   local_batch_size = _local_batch_size(global_batch_size)
-  num_batches = num_images // global_batch_size
+  num_batches = min(num_images, _num_examples(source.builder, split)) // global_batch_size
   if num_batches < 1:
     raise UserError(f'{num_images} calibration images make no batch of {global_batch_size}: raise the image count '
                     'or lower the calibration batch size.')
   shuffle_seed, _ = _seeds(config.seed, _CALIBRATION_STREAM, jax.process_index())
-  examples = source.read(tfds.split_for_jax_process(config.train_split, drop_remainder=True),
-                         shuffle_seed=shuffle_seed)
+  examples = source.read(tfds.split_for_jax_process(split, drop_remainder=True), shuffle_seed=shuffle_seed)
   examples = examples.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(num_batches * local_batch_size)
-  examples = examples.map(source.preprocessor().eval, num_parallel_calls=tf.data.AUTOTUNE)
+  preprocessor = source.preprocessor()
+  examples = examples.map(lambda e: {'image': preprocessor.eval_image(e['image'])},
+                          num_parallel_calls=tf.data.AUTOTUNE)
   examples = examples.batch(local_batch_size, drop_remainder=True)
   return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images from outside the run's dataset, for BN calibration (which reads no labels).
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+TFDS_PREFIX = 'tfds:'
+
+
+def read_images(path: str, channels: int) -> np.ndarray | list[np.ndarray]:
+  """Raw images from an .npy file or a folder of image files (sorted by name, converted to `channels`): one array
+  (N, H, W, C), or a list when the files differ in size."""
+  if os.path.isdir(path):
+    from PIL import Image  # noqa: PLC0415  (matplotlib's dependency) only folders need it
+    if channels not in (1, 3):
+      raise UserError(f'a folder of image files gives 1 or 3 channels, but the run takes {channels}: pass an .npy.')
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+      raise UserError(f'{path} holds no image files ({", ".join(IMAGE_SUFFIXES)}).')
+    images = []
+    for name in names:
+      try:
+        with Image.open(os.path.join(path, name)) as image:
+          images.append(np.asarray(image.convert('L' if channels == 1 else 'RGB')))
+      except OSError as e:
+        raise UserError(f'{os.path.join(path, name)} is not a readable image ({" ".join(str(e).split())}).') from None
+    return check_images(images, channels, path)
+  if path.endswith('.npy'):
+    try:
+      array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path} is not a readable .npy file ({" ".join(str(e).split())}).') from None
+    return check_images(array, channels, path)
+  raise UserError(f'{path} is neither a folder of image files nor an .npy file.')
+
+
+def check_images(images: Any, channels: int, what: str = 'the array') -> np.ndarray | list[np.ndarray]:
+  """Raw pixels ([0, 255]) as (N, H, W, C) with the run's channels ((N, H, W) too for one channel), or a list of
+  (H, W, C) images of different sizes; a one-line UserError for anything else."""
+  expected = f'expected raw pixels shaped (N, height, width, {channels})'
+  if isinstance(images, (list, tuple)):
+    if not images:
+      raise UserError(f'got no images from {what}: {expected}.')
+    arrays = [np.asarray(i) for i in images]
+    if len({a.shape for a in arrays}) == 1:
+      return check_images(np.stack(arrays), channels, what)
+    arrays = [a[..., None] if a.ndim == 2 and channels == 1 else a for a in arrays]
+    bad = next((a for a in arrays if a.ndim != 3 or a.shape[-1] != channels or not _is_numeric(a)), None)
+    if bad is not None:
+      raise UserError(f'got an image shaped {bad.shape} ({bad.dtype}) from {what}: {expected}, or a list of '
+                      f'(height, width, {channels}) images.')
+    return arrays
+  array = np.asarray(images)
+  array = array[..., None] if array.ndim == 3 and channels == 1 else array
+  if array.ndim != 4 or array.shape[-1] != channels or not len(array) or not _is_numeric(array):
+    raise UserError(f'got images shaped {array.shape} ({array.dtype}) from {what}: {expected}.')
+  return array
+
+
+def _is_numeric(array: np.ndarray) -> bool:
+  return np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+
+
+def _images_digest(images: np.ndarray | list[np.ndarray]) -> str:
+  digest = hashlib.sha256()
+  for image in images:
+    image = np.ascontiguousarray(image)
+    digest.update(f'{image.dtype}|{image.shape}|'.encode())
+    digest.update(image.tobytes())
+  return digest.hexdigest()
+
+
+def array_iterator(config: ml_collections.ConfigDict, images: np.ndarray | list[np.ndarray], *,
+                   global_batch_size: int) -> Iterator[Batch]:
+  """Full batches of `images` (checked by `check_images`) in order, with the run's eval preprocessing."""
+  local_batch_size = _local_batch_size(global_batch_size)
+  count = len(images) // global_batch_size * global_batch_size
+  if isinstance(images, np.ndarray):
+    examples = tf.data.Dataset.from_tensor_slices(images[:count])
+    shape = images.shape[1:]
+  else:
+    dtype = np.result_type(*images)
+    shape = (None, None, images[0].shape[-1])
+    examples = tf.data.Dataset.from_generator(lambda: (i.astype(dtype) for i in images[:count]),
+                                              output_signature=tf.TensorSpec(shape, tf.as_dtype(dtype)))
+  preprocessor = _preprocessor(config, tuple(shape))
+  examples = examples.shard(jax.process_count(), jax.process_index()).map(
+      lambda image: {'image': preprocessor.eval_image(image)}, num_parallel_calls=tf.data.AUTOTUNE)
+  return examples.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+  """Images for BN calibration from outside the run's training split: an array of raw pixels, a folder of image
+  files, an .npy, or a prepared TFDS dataset of any classes (`tfds:NAME`). They get the run's eval preprocessing
+  (its normalisation, not theirs), and no labels are read."""
+  description: str  # where they come from (stored with the statistics)
+  digest: str       # what they hold: statistics calibrated on other images are recalibrated
+  num_images: int
+  batch_size: int
+  batches: Replay
+
+  @property
+  def provenance(self) -> dict[str, Any]:
+    return {'images': self.description, 'images_digest': self.digest, 'num_images': self.num_images,
+            'batch_size': self.batch_size}
+
+
+def image_source(config: ml_collections.ConfigDict, images: Any, channels: int,
+                 split: str | None = None) -> ImageSource:
+  """An `ImageSource` from an array (or list) of raw images, a path (folder or .npy) or 'tfds:NAME' (its `split`,
+  default 'train', from config.data_dir), for a run that takes `channels`-channel images. At most
+  config.calibration_images are used, in batches of config.calibration_batch_size (all of them in one batch when
+  fewer)."""
+  if isinstance(images, (str, os.PathLike)) and os.fspath(images).startswith(TFDS_PREFIX):
+    name = os.fspath(images)[len(TFDS_PREFIX):]
+    builder = _load(config, name, labels=False).builder
+    if builder.info.features['image'].shape[-1] != channels:
+      raise UserError(f'Dataset {name!r} has {builder.info.features["image"].shape[-1]}-channel images, the run '
+                      f'takes {channels}: calibrate on images with as many channels.')
+    split = split or 'train'
+    count = min(config.calibration_images, _num_examples(builder, split))
+    batch = min(config.calibration_batch_size, count)
+    digest = hashlib.sha256(f'{builder.info.full_name}|{split}|{config.seed}|{count}'.encode()).hexdigest()
+    return ImageSource(f'{TFDS_PREFIX}{name} {split}', digest, count, batch, Replay(lambda: calibration_iterator(
+        config, num_images=count, global_batch_size=batch, dataset=name, split=split)))
+  if isinstance(images, (str, os.PathLike)):
+    description, images = os.path.abspath(images), read_images(os.fspath(images), channels)
+  else:
+    description, images = 'an array', check_images(images, channels, 'the array')
+  count = min(config.calibration_images, len(images))
+  batch = min(config.calibration_batch_size, count)
+  images = images[:count // batch * batch]
+  return ImageSource(description, _images_digest(images), len(images), batch,
+                     Replay(lambda: array_iterator(config, images, global_batch_size=batch)))

@@ -44,7 +44,9 @@ def save(fig: Figure, path: str | epath.PathLike) -> epath.Path:
 
 
 def _xy(rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
-  return np.array([r.macs / 1e6 for r in rows]), np.array([100 * r.top1 for r in rows])
+  """MFLOPs and top-1 %; a row without accuracy is NaN, which matplotlib leaves out."""
+  return (np.array([r.macs / 1e6 for r in rows]),
+          np.array([np.nan if r.top1 is None else 100 * r.top1 for r in rows]))
 
 
 def accuracy_macs(rows: Sequence[Row], path: str | epath.PathLike, title: str | None = None) -> epath.Path:

@@ -30,15 +30,15 @@ class Row:
   resolution: int
   macs: int
   params: int
-  top1: float
-  top5: float
+  top1: float | None       # None: not measured (the sweep had no labels of the model's classes)
+  top5: float | None
   latency_ms: float        # batch 1, median, JAX on the sweep's device
   latency_batch_ms: float | None = None  # one eval batch, median (optional: --mode=sweep --batch_latency)
   tflite_latency_ms: float | None = None  # batch 1, median, the TFLite interpreter on the sweep's CPU (optional)
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(Row))
-_OPTIONAL = {f.name for f in dataclasses.fields(Row) if f.default is None}
+_OPTIONAL = {f.name for f in dataclasses.fields(Row) if 'None' in f.type}
 
 
 def _row(values: dict[str, Any]) -> Row:
@@ -110,9 +110,10 @@ def read_csv(path: str) -> list[Row]:
 def _report_unscored(path: str | os.PathLike, rows: list[Row]) -> list[Row]:
   """`rows`, with a warning when some have no top-1 accuracy (queries and frontiers leave those out)."""
   missing = len(rows) - len(scored(rows))
-  if missing:
+  unmeasured = sum(r.top1 is None for r in rows)
+  if missing > unmeasured:  # a sweep without labels leaves accuracy out on purpose; NaN is a failure
     logging.warning('%s: %d of %d rows have no top-1 accuracy (NaN or infinite); queries and Pareto frontiers leave '
-                    'them out.', path, missing, len(rows))
+                    'them out.', path, missing - unmeasured, len(rows))
   return rows
 
 
@@ -121,8 +122,9 @@ def _report_unscored(path: str | os.PathLike, rows: list[Row]) -> list[Row]:
 
 def scored(rows: Sequence[Row]) -> list[Row]:
   """The rows with a finite top-1 accuracy. A NaN one (a diverged network, an evaluation that failed) compares
-  false with everything: it would be picked at random and would end a Pareto frontier at itself."""
-  return [r for r in rows if math.isfinite(r.top1)]
+  false with everything: it would be picked at random and would end a Pareto frontier at itself; None was not
+  measured."""
+  return [r for r in rows if r.top1 is not None and math.isfinite(r.top1)]
 
 
 def _check_cost(cost: str) -> str:
@@ -160,7 +162,8 @@ def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: fl
     raise UserError('the query table is empty: run --mode=sweep again.')
   rows = scored(rows)
   if not rows:
-    raise UserError('no row of the query table has a top-1 accuracy (all NaN): run --mode=sweep again.')
+    raise UserError('no row of the query table has a top-1 accuracy (not measured, or NaN): sweep on a dataset with '
+                    "labels of the model's classes to query by accuracy.")
   column = LATENCY_COLUMNS[latency]
   if budget_ms is not None and all(getattr(r, column) is None for r in rows):
     raise UserError(f'the query table has no {COSTS[column]} column: sweep with --tflite_latency first.')
@@ -193,15 +196,21 @@ def as_dict(row: Row) -> dict[str, Any]:
 
 def describe(row: Row) -> str:
   """One line for people."""
-  return (f'width {row.width:g} at {row.resolution} px: top-1 {100 * row.top1:.2f}% (top-5 {100 * row.top5:.2f}%), '
-          f'{row.macs / 1e6:.4g} MFLOPs, {row.params / 1e6:.4g} M params, {row.latency_ms:.3g} ms at batch 1')
+  accuracy = ('accuracy not measured' if row.top1 is None else
+              f'top-1 {100 * row.top1:.2f}% (top-5 {100 * row.top5:.2f}%)')
+  return (f'width {row.width:g} at {row.resolution} px: {accuracy}, {row.macs / 1e6:.4g} MFLOPs, '
+          f'{row.params / 1e6:.4g} M params, {row.latency_ms:.3g} ms at batch 1')
+
+
+def _percent(value: float | None, spec: str) -> str:
+  return '-' if value is None else format(100 * value, spec)
 
 
 def format_markdown(rows: Sequence[Row]) -> str:
   """A Markdown table (TensorBoard's text dashboard and the README render it)."""
   lines = ['| width | res | MFLOPs | Mparams | top-1 % | top-5 % | ms @ batch 1 |', '| ---: ' * 7 + '|']
-  lines += [f'| {r.width:g} | {r.resolution} | {r.macs / 1e6:.2f} | {r.params / 1e6:.3f} | {100 * r.top1:.2f} | '
-            f'{100 * r.top5:.2f} | {r.latency_ms:.3g} |' for r in rows]
+  lines += [f'| {r.width:g} | {r.resolution} | {r.macs / 1e6:.2f} | {r.params / 1e6:.3f} | {_percent(r.top1, ".2f")} | '
+            f'{_percent(r.top5, ".2f")} | {r.latency_ms:.3g} |' for r in rows]
   return '\n'.join(lines)
 
 
@@ -209,7 +218,7 @@ def format_rows(rows: Sequence[Row]) -> str:
   """A fixed-width text table (the README's format)."""
   lines = [f"{'width':>6} {'res':>4} {'MFLOPs':>9} {'Mparams':>8} {'top1 %':>7} {'top5 %':>7} {'ms@1':>7} "
            f"{'ms@batch':>9}"]
-  lines += [f'{r.width:>6g} {r.resolution:>4d} {r.macs / 1e6:>9.2f} {r.params / 1e6:>8.3f} {100 * r.top1:>7.2f} '
-            f'{100 * r.top5:>7.2f} {r.latency_ms:>7.3g} '
+  lines += [f'{r.width:>6g} {r.resolution:>4d} {r.macs / 1e6:>9.2f} {r.params / 1e6:>8.3f} {_percent(r.top1, ">7.2f")} '
+            f'{_percent(r.top5, ">7.2f")} {r.latency_ms:>7.3g} '
             f"{'-' if r.latency_batch_ms is None else format(r.latency_batch_ms, '.4g'):>9}" for r in rows]
   return '\n'.join(lines)

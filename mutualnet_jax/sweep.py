@@ -35,13 +35,16 @@ SUMMARY = 'sweep_summary.json'
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
-              resolutions: Sequence[int] | None = None, out: str | None = None) -> dict[str, Any]:
-  """Fills the statistics store (in `out`, default the workdir) for the selection (default: the whole grid);
-  reuses valid entries."""
+              resolutions: Sequence[int] | None = None, out: str | None = None, images: Any = None,
+              split: str | None = None) -> dict[str, Any]:
+  """Fills the statistics store (in `out`, default the workdir) for the selection (default: the whole grid) from
+  the training split, or from `images` (see `input_pipeline.image_source`; `split` of a TFDS one); reuses valid
+  entries."""
   pairs = selection(config, widths, resolutions)
   outputs = workdir_lib.outputs_dir(workdir, out, 'BN statistics')
   with _writer(outputs, 'calibrate'):
-    return _calibrate(config, workdir, pairs, outputs)
+    run = open_run(config, workdir, store_dir=outputs)
+    return run.calibrate(pairs, _source(run, images, split))
 
 
 def _writer(outputs: str, what: str) -> contextlib.AbstractContextManager:
@@ -52,19 +55,8 @@ def _writer(outputs: str, what: str) -> contextlib.AbstractContextManager:
   return workdir_lib.lock(outputs, what, post_training=True)
 
 
-def _calibrate(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]],
-               outputs: str) -> dict[str, Any]:
-  run = open_run(config, workdir, store_dir=outputs)
-  start, computed = time.perf_counter(), 0
-  progress = periodic_actions.ReportProgress(num_train_steps=len(pairs), every_secs=30.0)
-  with CompileCounter().counting() as counter:
-    for i, (w, r) in enumerate(pairs, 1):
-      _, new = run.stats(w, r)
-      computed += new
-      logging.info('[%d/%d] width %g @ %d px: %s', i, len(pairs), w, r, 'calibrated' if new else 'reused')
-      progress(i)
-  return {'configurations': len(pairs), 'calibrated': computed, 'reused': len(pairs) - computed,
-          'seconds': time.perf_counter() - start, 'compiles': counter.compiles, 'store': os.fspath(run.store.directory)}
+def _source(run: TrainedRun, images: Any, split: str | None) -> input_pipeline.ImageSource | None:
+  return None if images is None else input_pipeline.image_source(run.config, images, run.channels, split)
 
 
 @dataclasses.dataclass
@@ -115,11 +107,28 @@ def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int,
   return out[0], (out[1] if timing.batch else None), tflite_ms
 
 
-def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing) -> tuple[list[Row], dict[str, Any]]:
+def _no_labels(config: ml_collections.ConfigDict, images: input_pipeline.ImageSource | None) -> str | None:
+  """Why accuracy is not measured, or None when it is. It is measured on the run's eval split; with `images` given
+  that split may be absent (a converted checkpoint without ImageNet) or of other classes, and then the accuracy
+  columns stay empty instead of failing the sweep."""
+  if images is None:
+    return None
+  try:
+    input_pipeline.get_dataset_info(config)
+  except UserError as e:
+    return str(e)
+  return None
+
+
+def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing,
+             images: input_pipeline.ImageSource | None = None) -> tuple[list[Row], dict[str, Any]]:
   """One row per (width, resolution), reporting progress with an ETA; plus counts and seconds per phase."""
   config = run.config
   eval_batches = input_pipeline.Replay(
       lambda: input_pipeline.eval_iterator(config, global_batch_size=config.eval_batch_size))
+  no_labels = _no_labels(config, images)
+  if no_labels:
+    logging.warning('accuracy is not measured (its columns stay empty): %s', no_labels)
   counter = CompileCounter()
   timer, rows, calibrated, count = _Timer(counter), [], 0, 0
   with timer.phase('profile'):
@@ -129,9 +138,9 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing
   with counter.counting():
     for i, (w, r) in enumerate(pairs, 1):
       with timer.phase('calibrate'):
-        stats, new = run.stats(w, r)
+        stats, new = run.stats(w, r, images)
       with timer.phase('evaluate'):
-        acc = run.evaluate(stats, w, r, eval_batches)
+        acc = {'top1': None, 'top5': None, 'count': 0} if no_labels else run.evaluate(stats, w, r, eval_batches)
       with timer.phase('latency'):
         ms, ms_batch, ms_tflite = _latencies(run, stats, w, r, timing)
       calibrated += new
@@ -142,7 +151,9 @@ def _measure(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing
   return rows, {'configurations': len(pairs), 'calibrated': calibrated, 'reused': len(pairs) - calibrated,
                 'compiles': counter.compiles, 'cache_hits': counter.cache_hits, 'phase_seconds': timer.seconds,
                 'phase_compile_seconds': timer.compile_seconds, 'eval_images': count,
-                'calibration_images': config.calibration_images}
+                'calibration_images': config.calibration_images if images is None else images.num_images,
+                'calibrated_on': 'the training split' if images is None else images.description,
+                'accuracy': 'the eval split' if no_labels is None else f'not measured: {no_labels}'}
 
 
 TENSORBOARD_DIR = 'sweep'  # beside training's event files: TensorBoard shows the sweep as its own runs
@@ -162,9 +173,9 @@ def write_tensorboard(rows: Sequence[Row], outputs: str, plot: epath.Path, check
   for res in sorted({r.resolution for r in rows}):
     writer = metric_writers.create_default_writer(os.fspath(logdir / f'{res}px'), asynchronous=False)
     for r in sorted((r for r in rows if r.resolution == res), key=lambda r: r.width):
-      writer.write_scalars(int(round(100 * r.width)), {
-          f'{WIDTH_AXIS}/top1': r.top1, f'{WIDTH_AXIS}/top5': r.top5, f'{WIDTH_AXIS}/mflops': r.macs / 1e6,
-          f'{WIDTH_AXIS}/latency_ms': r.latency_ms})
+      scalars = {f'{WIDTH_AXIS}/top1': r.top1, f'{WIDTH_AXIS}/top5': r.top5, f'{WIDTH_AXIS}/mflops': r.macs / 1e6,
+                 f'{WIDTH_AXIS}/latency_ms': r.latency_ms}
+      writer.write_scalars(int(round(100 * r.width)), {k: v for k, v in scalars.items() if v is not None})
     writer.close()
   writer = metric_writers.create_default_writer(os.fspath(logdir), asynchronous=False)
   writer.write_texts(checkpoint_step, {'all_configurations': query.format_markdown(rows),
@@ -188,25 +199,30 @@ def _merge_with_table(outputs: str, rows: list[Row], meta: dict[str, Any]) -> li
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, widths: Sequence[float] | None = None,
               resolutions: Sequence[int] | None = None, *, latency_repeats: int = 10,
-              batch_latency: bool = False, tflite_latency: bool = False, out: str | None = None) -> dict[str, Any]:
+              batch_latency: bool = False, tflite_latency: bool = False, out: str | None = None,
+              images: Any = None, split: str | None = None) -> dict[str, Any]:
   """Measures the selected configurations (default: the sweep grid), writes the query table (merged with an
   earlier one of the same checkpoint), its plot and the BN statistics to `out` (default: the workdir); returns a
-  summary, also written to `sweep_summary.json`."""
+  summary, also written to `sweep_summary.json`. With `images` (see `input_pipeline.image_source`) BN is
+  calibrated on them, and the accuracy columns stay empty when the run's eval split cannot be read."""
   start = time.perf_counter()
   pairs = selection(config, widths, resolutions)
   outputs = workdir_lib.outputs_dir(workdir, out, 'sweep table and BN statistics')
   with _writer(outputs, 'sweep'):
-    return _sweep(config, workdir, pairs, Timing(latency_repeats, batch_latency, tflite_latency), start, outputs)
+    run = open_run(config, workdir, store_dir=outputs)
+    timing = Timing(latency_repeats, batch_latency, tflite_latency)
+    return _sweep(run, pairs, timing, start, outputs, _source(run, images, split))
 
 
-def _sweep(config: ml_collections.ConfigDict, workdir: str, pairs: Sequence[tuple[float, int]], timing: Timing,
-           start: float, outputs: str) -> dict[str, Any]:
-  run = open_run(config, workdir, store_dir=outputs)
-  rows, summary = _measure(run, pairs, timing)
+def _sweep(run: TrainedRun, pairs: Sequence[tuple[float, int]], timing: Timing, start: float, outputs: str,
+           images: input_pipeline.ImageSource | None) -> dict[str, Any]:
+  config, workdir = run.config, run.workdir
+  rows, summary = _measure(run, pairs, timing, images)
   summary.update(device=str(jax.local_devices()[0]), backend=jax.default_backend())
   meta = {'workdir': os.fspath(workdir), 'checkpoint_step': run.step, 'params_digest': run.params_digest,
           'method': config.method, 'model': config.model.name, 'dataset': config.dataset,
-          'device': summary['device'], 'backend': summary['backend'], 'eval_images': summary['eval_images']}
+          'device': summary['device'], 'backend': summary['backend'], 'eval_images': summary['eval_images'],
+          'calibrated_on': summary['calibrated_on']}
   if jax.process_index() == 0:
     rows = _merge_with_table(outputs, rows, meta)
     summary['table'] = [os.fspath(p) for p in query.write_table(rows, outputs, meta)]

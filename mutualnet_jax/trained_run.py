@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import time
 from typing import Any, Sequence
 
 import ml_collections
+from absl import logging
+from clu import periodic_actions
 from jax.sharding import Mesh
 
 from mutualnet_jax import (bn_calibration, checkpointing, compilation, evaluation, input_pipeline, parallel, slim,
@@ -84,14 +88,16 @@ class TrainedRun:
     """The capacity programs that calibrate and evaluate its widths (none for runs trained before they existed)."""
     return tuple(self.config.get('capacities', ()))
 
-  @property
-  def provenance(self) -> dict[str, Any]:
-    """What calibrated statistics depend on; statistics stored under a different provenance are stale."""
+  def provenance(self, images: input_pipeline.ImageSource | None = None) -> dict[str, Any]:
+    """What statistics calibrated on the run's training split (or on `images`) depend on; statistics stored under
+    a different provenance are stale (see `bn_calibration.accepts`)."""
     c = self.config
-    return {'params_digest': self.params_digest, 'checkpoint_step': self.step, 'dataset': c.dataset,
-            'train_split': c.train_split, 'seed': c.seed, 'num_images': c.calibration_images,
-            'batch_size': c.calibration_batch_size, 'image_size': self.image_size,
-            'antialias': bool(c.resize_antialias)}
+    weights = {'params_digest': self.params_digest, 'checkpoint_step': self.step}
+    common = {'image_size': self.image_size, 'antialias': bool(c.resize_antialias)}
+    if images is not None:
+      return {**weights, **images.provenance, **common}
+    return {**weights, 'dataset': c.dataset, 'train_split': c.train_split, 'seed': c.seed,
+            'num_images': c.calibration_images, 'batch_size': c.calibration_batch_size, **common}
 
   @functools.cached_property
   def store(self) -> bn_calibration.StatsStore:
@@ -111,12 +117,31 @@ class TrainedRun:
         self.config, num_images=self.config.calibration_images,
         global_batch_size=self.config.calibration_batch_size))
 
-  def stats(self, width: float, resolution: int) -> tuple[Any, bool]:
-    """BN statistics of (width, resolution) from the store, calibrated and stored first when missing, stale or
-    corrupt; the flag says whether they were computed now."""
+  def stats(self, width: float, resolution: int,
+            images: input_pipeline.ImageSource | None = None) -> tuple[Any, bool]:
+    """BN statistics of (width, resolution) from the store, calibrated (on the training split, or on `images`)
+    and stored first when missing, stale or corrupt; the flag says whether they were computed now."""
     width, resolution = self.check(width, resolution)
+    batches = self.calibration_batches if images is None else images.batches
     return bn_calibration.get_or_calibrate(self.store, self.calibrator, self.params, width, resolution,
-                                           lambda: self.calibration_batches, self.provenance)
+                                           lambda: batches, self.provenance(images))
+
+  def calibrate(self, pairs: Sequence[tuple[float, int]],
+                images: input_pipeline.ImageSource | None = None) -> dict[str, Any]:
+    """`stats` of every pair (calibrated on `images` when given, else on the training split), logged as it goes;
+    counts and time."""
+    start, computed = time.perf_counter(), 0
+    progress = periodic_actions.ReportProgress(num_train_steps=len(pairs), every_secs=30.0)
+    with compilation.CompileCounter().counting() as counter:
+      for i, (w, r) in enumerate(pairs, 1):
+        _, new = self.stats(w, r, images)
+        computed += new
+        logging.info('[%d/%d] width %g @ %d px: %s', i, len(pairs), w, r, 'calibrated' if new else 'reused')
+        progress(i)
+    return {'configurations': len(pairs), 'calibrated': computed, 'reused': len(pairs) - computed,
+            'seconds': time.perf_counter() - start, 'compiles': counter.compiles,
+            'store': os.fspath(self.store.directory),
+            'images': 'the training split' if images is None else images.description}
 
   def evaluate(self, stats: Any, width: float, resolution: int, batches: Any) -> dict[str, float]:
     """Top-1/top-5 of (width, resolution) with `stats`, in its capacity's program."""
@@ -125,14 +150,14 @@ class TrainedRun:
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, store_dir: str = '') -> TrainedRun:
   """Restores the newest checkpoint of `workdir` that restores (a UserError when there is none, it is of another
-  model, or its parameters are not finite)."""
+  model, or its parameters are not finite). The dataset is not read: the checkpoint records its input channels."""
   workdir_lib.require_checkpoint(workdir)
   compilation.enable_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
-  info = input_pipeline.get_dataset_info(config)
+  channels = checkpointing.recorded_channels(workdir) or input_pipeline.get_dataset_info(config).channels
   with checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints, read_only=True,
-                                 expected=checkpointing.fingerprint(config, info.channels)) as ckpt:
-    restored = ckpt.restore_latest(abstract_run_state(config, info.channels, mesh))
+                                 expected=checkpointing.fingerprint(config, channels)) as ckpt:
+    restored = ckpt.restore_latest(abstract_run_state(config, channels, mesh))
   if restored is None:
     raise UserError(f'no checkpoint in {ckpt.directory} restores: train again, or pass the --workdir of a trained '
                     'run.')
@@ -141,7 +166,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, store_dir: str = '
     raise UserError(f'the checkpoint of step {step} in {ckpt.directory} holds non-finite parameters (the run '
                     'diverged before it was saved): retrain with a lower learning rate in a fresh --workdir.')
   return TrainedRun(config=config, workdir=workdir, mesh=mesh, model=get_model(config.model), params=state.params,
-                    step=int(step), channels=info.channels, image_size=input_size(config),
+                    step=int(step), channels=channels, image_size=input_size(config),
                     params_digest=tree_digest(state.params), store_dir=store_dir)
 
 

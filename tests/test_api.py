@@ -2,6 +2,7 @@
 measures, exports that keep their preprocessing, and the README's example (examples/python_api.py) run as is."""
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -160,3 +161,26 @@ def test_the_readme_shows_the_example_verbatim():
     code = f.read()
   body = code[code.index('import sys'):]
   assert f'```python\n{body}```' in readme
+
+
+def test_calibrate_on_any_images_then_the_network_uses_them(workdir, tmp_path):
+  """run.calibrate(array): BN statistics of the array's images (the run's preprocessing), stored so that network()
+  takes them without reading the training split; the same images again are reused, other images recalibrate."""
+  run = mutualnet_jax.open(shutil.copytree(workdir, tmp_path / 'run'))  # the shared workdir keeps its statistics
+  images, _ = run.examples(20)
+  summary = run.calibrate(images, [0.25], [8])
+  assert (summary['calibrated'], summary['images']) == (1, 'an array')
+  trained = run.trained
+  source = input_pipeline.image_source(run.config, images, 1)
+  expected = trained.calibrator.calibrate(trained.params, 0.25, 8, source.batches)
+  stats, computed = trained.stats(0.25, 8)  # the lookup every network() makes
+  assert not computed
+  for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(jax.tree.leaves(run.network(0.25, 8).variables['batch_stats']), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+  assert run.calibrate(images, [0.25], [8])['calibrated'] == 0
+  assert run.calibrate(images[::-1], [0.25], [8])['calibrated'] == 1
+  with pytest.raises(UserError, match=r'^got images shaped \(2, 28, 28, 3\) \(uint8\) from the array: expected raw '
+                                      r'pixels shaped \(N, height, width, 1\)\.$'):
+    run.calibrate(np.zeros((2, 28, 28, 3), np.uint8))

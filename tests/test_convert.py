@@ -21,7 +21,8 @@ from torch.nn import functional as F  # noqa: E402
 
 import mutualnet_jax  # noqa: E402
 from configs import mobilenet_v1_imagenet, mobilenet_v2_imagenet  # noqa: E402
-from mutualnet_jax import checkpointing, convert, parallel, sweep, workdir as wd  # noqa: E402
+from mutualnet_jax import (checkpointing, convert, export, input_pipeline, parallel, query, sweep,  # noqa: E402
+                           workdir as wd)
 from mutualnet_jax.errors import UserError  # noqa: E402
 from mutualnet_jax.models import get_model  # noqa: E402
 from mutualnet_jax.train_state import abstract_run_state  # noqa: E402
@@ -62,11 +63,15 @@ class USBatchNorm2d(nn.BatchNorm2d):
   def __init__(self, features, ratio=1, max_width=1.0, widths=(0.25, 1.0)):
     super().__init__(_slimmed(features, max_width, ratio), affine=True, track_running_stats=False)
     self.bn = nn.ModuleList([nn.BatchNorm2d(_slimmed(features, w, ratio), affine=False) for w in widths])
-    self.base, self.ratio, self.width_mult = features, ratio, None
+    self.base, self.ratio, self.width_mult, self.widths = features, ratio, None, widths
 
   def forward(self, x):
+    """As the official layer: at a width of `widths` its bn.<i> running statistics (used in eval mode), else batch
+    statistics (the official layer tracks none of its own)."""
     c = _slimmed(self.base, self.width_mult, self.ratio)
-    return F.batch_norm(x, None, None, self.weight[:c], self.bias[:c], True, 0.1, self.eps)
+    bn = next((b for w, b in zip(self.widths, self.bn) if w == self.width_mult), None)
+    mean, var = (None, None) if bn is None else (bn.running_mean[:c], bn.running_var[:c])
+    return F.batch_norm(x, mean, var, self.weight[:c], self.bias[:c], self.training or bn is None, 0.1, self.eps)
 
 
 class USLinear(nn.Linear):
@@ -150,7 +155,8 @@ class MobileNetV2(nn.Module):
 
 
 def _official(cls, seed=0, **kw):
-  """Random weights, BN scale/bias away from 1/0 so a swapped or dropped tensor shows."""
+  """Random weights, BN scale/bias away from 1/0 and random running statistics, so a swapped or dropped tensor
+  shows."""
   torch.manual_seed(seed)
   model = cls(CLASSES, **kw)
   with torch.no_grad():
@@ -161,6 +167,11 @@ def _official(cls, seed=0, **kw):
         p.normal_(0.0, 0.2)
       elif p.ndim == 2:
         p.normal_(0.0, 1.0 / np.sqrt(p.shape[1]))
+    for name, b in model.named_buffers():
+      if name.endswith('running_mean'):
+        b.normal_(0.0, 0.5)
+      elif name.endswith('running_var'):
+        b.uniform_(0.5, 2.0)
   return model
 
 
@@ -170,8 +181,8 @@ def _save(model, path, **extra):
   return path
 
 
-def _torch_logits(model, images, width):
-  model.train()
+def _torch_logits(model, images, width, train=True):
+  model.train(train)
   model.apply(lambda m: setattr(m, 'width_mult', width))
   with torch.no_grad():
     return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
@@ -288,6 +299,33 @@ def test_model_zoo_zip_is_read(tmp_path):
   np.testing.assert_array_equal(state['features.0.0.weight'], official.features[0][0].weight.detach().numpy())
 
 
+@pytest.mark.parametrize('cls,module,width_range,kept', [
+    (MobileNetV1, mobilenet_v1_imagenet, (0.25, 1.0), [0.25, 1.0]),         # MutualNet's width_mult_list
+    (MobileNetV2, mobilenet_v2_imagenet, (0.35, 1.0), [0.35, 0.6, 1.0]),    # a US-Net-style list
+])
+def test_the_official_bn_statistics_are_kept_and_predict_without_a_dataset(tmp_path, cls, module, width_range, kept):
+  """The converted workdir's network at a width the checkpoint holds statistics for equals the official model in
+  eval mode (its running statistics), with no dataset anywhere: ImageNet is not prepared in the data_dir."""
+  official = _official(cls, widths=tuple(kept))
+  (tmp_path / 'tfds').mkdir()
+  config = _config(module, width_range=width_range, resolutions=(64, 32), data_dir=str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'converted')
+  summary = convert.convert(_save(official, tmp_path / 'official.pt'), config, workdir)
+  assert summary['bn_statistics'] == {'widths': kept, 'resolution': 64}
+  assert f'kept for width {", ".join(f"{w:g}" for w in kept)} at 64 px' in convert.describe_statistics(summary)
+  run = mutualnet_jax.open(workdir)
+  official.eval()
+  images = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+  for width in kept:
+    net = run.network(width, 64)
+    logits = np.asarray(export.apply_narrow(net.model, net.variables, images, net.width))
+    expected = _torch_logits(official, images, width, train=False)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-4 * float(np.abs(expected).max()),
+                               err_msg=f'width {width}')
+  with pytest.raises(UserError, match="Dataset 'imagenet2012' is not prepared"):
+    run.network(0.5, 64)  # no statistics kept for it: calibrating needs images
+
+
 @pytest.mark.slow
 def test_command_line(tmp_path):
   path = _save(_official(MobileNetV1), tmp_path / 'official.pt')
@@ -327,3 +365,30 @@ def test_sweep_and_api_on_a_converted_workdir(tmp_path):
   assert (row.width, row.resolution) == (0.5, 32) and 0 <= row.top1 <= 1
   images, _ = run.examples(4)
   assert run.network(0.5, 32).top_k(images, k=3).classes.shape == (4, 3)
+
+
+@pytest.mark.slow
+def test_official_checkpoint_to_a_swept_table_on_a_folder_without_imagenet(tmp_path):
+  """The issue's path: convert, sweep with BN calibrated on a folder of one's own images (ImageNet is not prepared),
+  the accuracy columns left empty, then a prediction on those images; the official statistics serve width 1.0."""
+  from PIL import Image  # noqa: PLC0415
+  (tmp_path / 'tfds').mkdir()
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  rng = np.random.RandomState(0)
+  for i in range(6):
+    Image.fromarray(rng.randint(0, 256, (48 + 8 * (i % 2), 40, 3), np.uint8)).save(folder / f'{i}.png')
+  config = _config(mobilenet_v1_imagenet, resolutions=(64, 32), data_dir=str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'converted')
+  convert.convert(_save(_official(MobileNetV1), tmp_path / 'official.pt'), config, workdir)
+  summary = sweep.run_sweep(wd.saved_config(workdir), workdir, widths=[0.5, 1.0], resolutions=[64],
+                            latency_repeats=1, images=str(folder))
+  assert summary['calibrated'] == 1 and summary['reused'] == 1  # 1.0 @ 64: the official statistics
+  assert summary['accuracy'].startswith("not measured: Dataset 'imagenet2012' is not prepared")
+  assert summary['calibrated_on'] == str(folder) and summary['calibration_images'] == 6
+  rows, _ = query.read_table(workdir)
+  assert [(r.width, r.top1, r.top5) for r in rows] == [(0.5, None, None), (1.0, None, None)]
+  assert ',,' in (tmp_path / 'converted' / 'query_table.csv').read_text()  # empty cells, not made-up numbers
+  run = mutualnet_jax.open(workdir)
+  images = input_pipeline.read_images(str(folder), 3)
+  assert run.network(0.5, 64).top_k(images[0], k=2).classes.shape == (1, 2)

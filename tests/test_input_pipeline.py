@@ -348,3 +348,70 @@ def test_labels_out_of_range_are_one_clear_error(tmp_path):
   (tmp_path / 'tfds').mkdir()
   _assert_one_line_user_error(_config(tmp_path / 'tfds', manual_dir=os.fspath(raw)), 'label 12, outside 0-9',
                               'labels-idx1-ubyte.gz')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images from outside the run's dataset, for BN calibration.
+
+def _batches(source):
+  return np.concatenate([b['image'] for b in source.batches])
+
+
+def test_an_array_source_gets_the_runs_eval_preprocessing(tiny_dir):
+  config = _config(tiny_dir, calibration_images=45, calibration_batch_size=10)
+  images = _tiny_images(50, 0)
+  source = input_pipeline.image_source(config, images, channels=1)
+  assert (source.num_images, source.batch_size, source.description) == (40, 10, 'an array')
+  np.testing.assert_array_equal(_image_index(_batches(source)), np.arange(40))  # in order, normalised as the run's
+  assert input_pipeline.image_source(config, images[..., None], 1).digest == source.digest  # (N, H, W, 1) alike
+  assert input_pipeline.image_source(config, images[1:], 1).digest != source.digest
+  few = input_pipeline.image_source(config, images[:3], 1)
+  assert (few.num_images, few.batch_size) == (3, 3)  # fewer than a batch: one batch of all of them
+  mixed = input_pipeline.image_source(config, [images[0], np.zeros((40, 30), np.uint8)], 1)
+  assert _batches(mixed).shape == (2, 28, 28, 1)  # other sizes are resized like the dataset's images
+
+
+@pytest.mark.parametrize('images,fragment', [
+    (np.zeros((4, 28, 28, 3), np.uint8),
+     r'^got images shaped \(4, 28, 28, 3\) \(uint8\) from the array: expected raw pixels shaped '
+     r'\(N, height, width, 1\)'),
+    (np.zeros((28, 28), np.uint8), r'shaped \(28, 28\)'),
+    (np.zeros((0, 28, 28, 1), np.uint8), r'shaped \(0, 28, 28, 1\)'),
+    (np.array([['a']]), r'\(<U1\)'),
+    ([np.zeros((28, 28, 1)), np.zeros((20, 20, 3))], r'got an image shaped \(20, 20, 3\)'),
+    ([], 'got no images from the array'),
+])
+def test_bad_arrays_are_one_line_errors(tiny_dir, images, fragment):
+  with pytest.raises(UserError, match=fragment) as error:
+    input_pipeline.image_source(_config(tiny_dir), images, channels=1)
+  assert '\n' not in str(error.value)
+
+
+def test_a_tfds_dataset_of_other_classes_calibrates(tmp_path):
+  """Calibration reads no labels: a prepared dataset of 3 classes serves a 10-class run, which its own pipeline
+  (with labels) refuses."""
+  features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(28, 28, 1)),
+                                         'label': tfds.features.ClassLabel(num_classes=3)})
+  examples = [(i, {'image': _tiny_images(1, i)[0][..., None], 'label': i % 3}) for i in range(12)]
+  tfds.dataset_builders.store_as_tfds_dataset(name='fm3', version='1.0.0', features=features,
+                                              split_datasets={'train': examples}, data_dir=str(tmp_path))
+  config = _config(tmp_path, dataset='fm3', calibration_images=8, calibration_batch_size=4,
+                   mean=(0.2860,), std=(0.3530,))
+  with pytest.raises(UserError, match="Dataset 'fm3' has 3 classes but config.model.num_classes=10"):
+    input_pipeline.get_dataset_info(config)
+  source = input_pipeline.image_source(_config(tmp_path, calibration_images=8, calibration_batch_size=4), 'tfds:fm3',
+                                       channels=1)
+  assert (source.num_images, source.batch_size, source.description) == (8, 4, 'tfds:fm3 train')
+  assert len(set(_image_index(_batches(source)))) == 8  # Fashion-MNIST's normalisation (the run's), 8 images
+  with pytest.raises(UserError, match="'fm3' has 1-channel images, the run takes 3"):
+    input_pipeline.image_source(_config(tmp_path), 'tfds:fm3', channels=3)
+
+
+def test_the_local_builder_says_nothing_about_configs_or_downloads(tiny_dir, caplog, capsys):
+  """TFDS logs "No config specified" on every load of a builder with configs, and prints "Downloading and
+  preparing" before preparing one; this builder prepares from local files and its plain name is meant."""
+  with caplog.at_level('INFO'):
+    builder = tfds.builder('fashion_mnist_local', data_dir=tiny_dir)
+    builder._log_download_bytes()  # pylint: disable=protected-access  (what download_and_prepare prints first)
+  assert builder.builder_config.name == fashion_mnist_local.ALL
+  assert 'No config specified' not in caplog.text and 'Downloading' not in capsys.readouterr().out

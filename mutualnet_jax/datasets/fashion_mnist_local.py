@@ -17,6 +17,7 @@ import os
 import struct
 import zlib
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -120,6 +121,19 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     if self.builder_config_name == ALL:
       dataset_dir = os.path.join(os.path.dirname(os.path.dirname(dataset_dir)), os.path.basename(dataset_dir))
     return root, dataset_dir
+
+  def _create_builder_config(self, builder_config: str | tfds.core.BuilderConfig | None,
+                             version: str | tfds.core.Version | None) -> tfds.core.BuilderConfig | None:
+    """The plain name is the 'all' config, on purpose (it predates the configs): chosen here instead of by TFDS's
+    default, which logs "No config specified" on every load of the dataset."""
+    return super()._create_builder_config(ALL if builder_config is None else builder_config, version)
+
+  def _log_download_bytes(self) -> None:
+    """One log line instead of TFDS's "Downloading and preparing", which this builder never does."""
+    logging.info('Preparing %s from the local Fashion-MNIST files into %s (once).', self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info('Prepared %s in %s.', self.name, self.data_dir)
 
   def _info(self) -> tfds.core.DatasetInfo:
     names = [_CLASS_NAMES[c] for c in self.builder_config.classes]
