@@ -88,7 +88,7 @@ class BudgetData:
     return f'Round {self.budget.round}, {self.budget.name}'
 
 
-def add_run(tables: vd.Tables, run: runs_lib.Run, rows: list[Row]) -> None:
+def add_run(tables: vd.Tables, run: runs_lib.RunSpec, rows: list[Row]) -> None:
   """Files a run's rows under the series it feeds (a US-Net run feeds US-Net at its training resolution and
   US-Net+ at every resolution; an independent run only its own configuration)."""
   if run.method == 'independent':
@@ -111,10 +111,10 @@ def eval_images_from_accuracies(values: Sequence[float], most: int = 10 ** 6) ->
   return n if n <= most and all(abs(round(v * n) - v * n) < 1e-6 for v in values) else None
 
 
-RowsOf = Callable[[runs_lib.Run], 'tuple[list[Row], dict[str, Any]] | None']
+RowsOf = Callable[[runs_lib.RunSpec], 'tuple[list[Row], dict[str, Any]] | None']
 
 
-def assemble(budget: runs_lib.Budget, runs: Sequence[runs_lib.Run], rows_of: RowsOf, facts: dict[str, list[Any]],
+def assemble(budget: runs_lib.Budget, runs: Sequence[runs_lib.RunSpec], rows_of: RowsOf, facts: dict[str, list[Any]],
              facts_from: str, fit: list[dict[str, Any]]) -> BudgetData:
   """A budget's tables from each run's (rows, table metadata), None for a run without a table; the eval-image count
   from the metadata, else inferred from the accuracies; `facts`, when empty, from the budget's settings."""
@@ -152,7 +152,7 @@ def load_round1(archive: Path = ROUND1_ARCHIVE) -> list[BudgetData]:
   fit_path = archive / 'training_fit.json'
   fit = json.loads(fit_path.read_text())['training_fit'] if fit_path.exists() else []
 
-  def rows_of(run: runs_lib.Run) -> tuple[list[Row], dict[str, Any]]:
+  def rows_of(run: runs_lib.RunSpec) -> tuple[list[Row], dict[str, Any]]:
     rows = by_label.get((run.label, run.seed), [])
     if run.method == 'independent':  # one label holds every independent network of a seed
       rows = [r for r in rows if (r.width, r.resolution) == (run.width, run.resolution)]
@@ -173,7 +173,7 @@ def training_fit(out: Path, names: Sequence[str], records: archive.Records = arc
 OVERFIT_TRAIN_TOP1 = 0.99  # the pilot's criterion: the full network fits its training images at least this well
 
 
-def pilot_evidence(out: Path, run: runs_lib.Run, eval_images: int = 10_000) -> dict[str, Any] | None:
+def pilot_evidence(out: Path, run: runs_lib.RunSpec, eval_images: int = 10_000) -> dict[str, Any] | None:
   """Whether a pilot run over-fits: its full network's top-1 on its (un-augmented) training images against its
   test top-1 curve during training (peak and final); None before the run has a test curve. From OUT, else from
   the run's archive record."""
@@ -197,9 +197,9 @@ def pilot_evidence(out: Path, run: runs_lib.Run, eval_images: int = 10_000) -> d
           'curve': points}
 
 
-def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.Run], timings: dict) -> BudgetData:
+def load_budget(out: Path, budget: runs_lib.Budget, runs: Sequence[runs_lib.RunSpec], timings: dict) -> BudgetData:
   """A budget from its runs' workdirs under `out` and the facts run.py recorded in timings.json."""
-  def rows_of(run: runs_lib.Run) -> tuple[list[Row], dict[str, Any]] | None:
+  def rows_of(run: runs_lib.RunSpec) -> tuple[list[Row], dict[str, Any]] | None:
     try:
       return query.read_table(str(out / run.name))
     except UserError:

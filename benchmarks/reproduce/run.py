@@ -107,7 +107,7 @@ def logged_steps(log: Path) -> tuple[int, int] | None:
   return (int(found[-1][0]), int(found[-1][1])) if found else None
 
 
-def log_path(out: Path, run: runs_lib.Run, phase: str) -> Path:
+def log_path(out: Path, run: runs_lib.RunSpec, phase: str) -> Path:
   return training_log.path(out, run.name, phase)
 
 
@@ -121,13 +121,13 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
   return rc, time.perf_counter() - start
 
 
-def is_trained(run: runs_lib.Run, out: Path) -> bool:
+def is_trained(run: runs_lib.RunSpec, out: Path) -> bool:
   """Finished: the training log says the last attempt reached its total, and that step is checkpointed."""
   steps = logged_steps(log_path(out, run, 'train'))
   return steps is not None and steps[0] == steps[1] == latest_checkpoint(out / run.name)
 
 
-def train(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str) -> bool:
+def train(run: runs_lib.RunSpec, out: Path, timings: Timings, env: dict, commit: str) -> bool:
   workdir = out / run.name
   if is_trained(run, out):
     print(f'[{now()}] {run.name}: trained, skipping', flush=True)
@@ -162,7 +162,7 @@ def table_is_current(tables: Path, workdir: Path, configs: set[tuple[float, int]
   return configs <= have
 
 
-def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str, phase: str = 'sweep') -> bool:
+def sweep(run: runs_lib.RunSpec, out: Path, timings: Timings, env: dict, commit: str, phase: str = 'sweep') -> bool:
   """The run's sweep (phase 'sweep': its budget's configurations on the test split, into the workdir) or, for a
   pilot, its fit (phase 'fit': the full configuration on its training images, into FIT_DIR)."""
   workdir = out / run.name
@@ -186,13 +186,13 @@ def sweep(run: runs_lib.Run, out: Path, timings: Timings, env: dict, commit: str
   return rc == 0
 
 
-def finished_elsewhere(run: runs_lib.Run, out: Path) -> bool:
+def finished_elsewhere(run: runs_lib.RunSpec, out: Path) -> bool:
   """A run with a committed record but no workdir under OUT: it finished on another machine (or OUT was
   cleaned), so it is not trained again."""
   return archive.REPRODUCTION.load(run.name) is not None and not (out / run.name).exists()
 
 
-def archive_run(run: runs_lib.Run, out: Path, timings: Timings) -> Path | None:
+def archive_run(run: runs_lib.RunSpec, out: Path, timings: Timings) -> Path | None:
   """Writes the committed record of a finished run (trained, swept and, for a pilot, its fit measured) when it
   has none or an outdated one; returns its path when written."""
   workdir = out / run.name
@@ -236,7 +236,7 @@ class SplitSizes:
     return self.cache[key]
 
 
-def refresh_facts(run: runs_lib.Run, out: Path, timings: Timings, split_sizes: SplitSizes) -> None:
+def refresh_facts(run: runs_lib.RunSpec, out: Path, timings: Timings, split_sizes: SplitSizes) -> None:
   """Records what the report quotes about a run from its workdir (config.json, sweep_summary.json) and training
   log; keeps what was recorded before (the workdir may have been cleaned since)."""
   workdir = out / run.name

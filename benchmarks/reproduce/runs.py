@@ -67,7 +67,7 @@ class Budget:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class RunSpec:
   budget: Budget
   name: str                        # workdir (relative to --out; may contain '/')
   method: str                      # mutualnet | usnet | independent
@@ -132,7 +132,7 @@ class Round:
   number: int
   title: str
   budgets: tuple[Budget, ...]
-  runs: tuple[Run, ...]
+  runs: tuple[RunSpec, ...]
   run_by_default: bool
   # What the round's runs got from the library's defaults of the time, when no config.json of theirs survives.
   described: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -160,9 +160,9 @@ _R1_LONG = Budget(1, '4ep', 4, ROUND1_COMMON, 'claim 4 re-checked with twice the
 
 
 def _r1_independent(width: float, resolution: int, seed: int = 0, priority: int = 1, budget: Budget = _R1_SHORT,
-                    tag: str = '') -> Run:
+                    tag: str = '') -> RunSpec:
   suffix = f'_{budget.epochs:g}ep' if budget is _R1_LONG else ''
-  return Run(budget, f'independent_w{width:g}_r{resolution}_s{seed}{suffix}', 'independent', seed, priority, width,
+  return RunSpec(budget, f'independent_w{width:g}_r{resolution}_s{seed}{suffix}', 'independent', seed, priority, width,
              resolution, tag=tag)
 
 
@@ -176,17 +176,17 @@ ROUND1 = Round(
                'sub-networks per step': '4 (the full network, the narrowest and 2 random widths)',
                'augmentation': 'pad-crop (4 px) + flip (`config.augmentation=small`)'},
     runs=(
-        Run(_R1_SHORT, 'mutualnet_s0', 'mutualnet', 0, 1),
-        Run(_R1_SHORT, 'usnet_s0', 'usnet', 0, 1),
+        RunSpec(_R1_SHORT, 'mutualnet_s0', 'mutualnet', 0, 1),
+        RunSpec(_R1_SHORT, 'usnet_s0', 'usnet', 0, 1),
         _r1_independent(1.0, 28),
-        Run(_R1_SHORT, 'mutualnet_s1', 'mutualnet', 1, 1),
-        Run(_R1_SHORT, 'usnet_s1', 'usnet', 1, 1),
+        RunSpec(_R1_SHORT, 'mutualnet_s1', 'mutualnet', 1, 1),
+        RunSpec(_R1_SHORT, 'usnet_s1', 'usnet', 1, 1),
         *[_r1_independent(w, 28) for w in (0.25, 0.5, 0.75)],
         _r1_independent(1.0, 28, seed=1, priority=2),
-        Run(_R1_LONG, 'mutualnet_s0_4ep', 'mutualnet', 0, 2, tag='MutualNet, 4 epochs'),
+        RunSpec(_R1_LONG, 'mutualnet_s0_4ep', 'mutualnet', 0, 2, tag='MutualNet, 4 epochs'),
         _r1_independent(1.0, 28, priority=2, budget=_R1_LONG, tag='Independent, 4 epochs'),
         *[_r1_independent(w, r, priority=3) for r in (24, 20, 16) for w in (1.0, 0.25, 0.5, 0.75)],
-        Run(_R1_SHORT, 'mutualnet_labels_s0', 'mutualnet', 0, 4, diagnostic='labels'),
+        RunSpec(_R1_SHORT, 'mutualnet_labels_s0', 'mutualnet', 0, 4, diagnostic='labels'),
     ))
 
 
@@ -252,14 +252,14 @@ _R2_BUDGETS = (
 )
 
 
-def _r2_runs(budget: Budget) -> list[Run]:
+def _r2_runs(budget: Budget) -> list[RunSpec]:
   def run(method: str, seed: int, priority: int, width: float | None = None, resolution: int | None = None,
-          diagnostic: str = '', extra: tuple[tuple[str, Any], ...] = ()) -> Run:
+          diagnostic: str = '', extra: tuple[tuple[str, Any], ...] = ()) -> RunSpec:
     stem = (DIAGNOSTICS[diagnostic].stem if diagnostic else
             f'independent_w{width:g}_r{resolution}' if method == 'independent' else method)
     # The subset and epochs in the folder name: changing them starts fresh workdirs instead of resuming another run.
     split = budget.settings['train_split'].replace('train[:', '').rstrip(']') or 'all'
-    return Run(budget, f'round2/{budget.name}_{split}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority,
+    return RunSpec(budget, f'round2/{budget.name}_{split}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority,
                width, resolution, diagnostic=diagnostic, extra=extra)
 
   pilot = _pilot_eval(budget.name)
@@ -282,7 +282,7 @@ def _r2_runs(budget: Budget) -> list[Run]:
   ]
 
 
-def estimated_seconds(run: Run) -> float:
+def estimated_seconds(run: RunSpec) -> float:
   """Training (images / measured rate), in-training evaluations and the sweep of one run."""
   steps = STEPS_PER_EPOCH[run.budget.name] * run.budget.epochs
   evals = PILOT_EVALS if run.pilot else 0
@@ -301,7 +301,7 @@ ROUNDS = (ROUND1, ROUND2)
 
 
 def select(rounds: Iterable[int] | None = None, budgets: Iterable[str] | None = None,
-           max_priority: int | None = None, only: Sequence[str] = ()) -> list[Run]:
+           max_priority: int | None = None, only: Sequence[str] = ()) -> list[RunSpec]:
   """Runs in the order run.py works through them (priority, then listing order). `rounds` None: the rounds run by
   default; `budgets` None: every budget; `only`: these run names (still within the rounds/budgets chosen)."""
   wanted = None if rounds is None else set(rounds)
@@ -312,7 +312,7 @@ def select(rounds: Iterable[int] | None = None, budgets: Iterable[str] | None = 
   return sorted(runs, key=lambda run: run.priority)  # stable: listing order within a priority
 
 
-def by_name() -> dict[str, Run]:
+def by_name() -> dict[str, RunSpec]:
   out = {run.name: run for rnd in ROUNDS for run in rnd.runs}
   assert len(out) == sum(len(rnd.runs) for rnd in ROUNDS), 'run names collide'
   return out

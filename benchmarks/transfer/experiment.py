@@ -47,7 +47,7 @@ COMMON = {'eval_every_steps': 0, 'log_every_steps': 25, 'checkpoint_every_steps'
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class TransferRunSpec:
   name: str                      # workdir, relative to the runner's --out
   phase: str                     # 'pretrain' | 'finetune'
   method: str                    # the training method of this run
@@ -84,24 +84,24 @@ class Run:
     return images / reproduce_runs.RATE[self.method] + reproduce_runs.SWEEP_SECONDS[self.method]
 
 
-def pretrain_run(method: str, seed: int) -> Run:
+def pretrain_run(method: str, seed: int) -> TransferRunSpec:
   settings = {'dataset': PRETRAIN_DATASET, 'model.num_classes': 5, 'num_epochs': PRETRAIN_EPOCHS}
   if method == 'independent':
     settings.update(independent_width=INDEPENDENT[0], independent_resolution=INDEPENDENT[1])
-  return Run(f'pretrain_{PRETRAIN_EPOCHS:g}ep/{method}_s{seed}', 'pretrain', method, seed,
-             settings=tuple(settings.items()))
+  return TransferRunSpec(f'pretrain_{PRETRAIN_EPOCHS:g}ep/{method}_s{seed}', 'pretrain', method, seed,
+                         settings=tuple(settings.items()))
 
 
-def finetune_run(series: str, seed: int) -> Run:
+def finetune_run(series: str, seed: int) -> TransferRunSpec:
   method = SOURCES[series]
   source = pretrain_run(method, seed).name if method else None
   stem = f'from_{method}' if method else 'scratch'
   budget = f'{FINETUNE_SETTINGS["train_split"].split(":")[1].rstrip("]")}x{FINETUNE_SETTINGS["num_epochs"]}ep'
-  return Run(f'finetune_{PRETRAIN_EPOCHS:g}ep_{budget}/{stem}_s{seed}', 'finetune', FINETUNE_METHOD, seed, series,
-             source, settings=tuple(FINETUNE_SETTINGS.items()))
+  return TransferRunSpec(f'finetune_{PRETRAIN_EPOCHS:g}ep_{budget}/{stem}_s{seed}', 'finetune', FINETUNE_METHOD,
+                         seed, series, source, settings=tuple(FINETUNE_SETTINGS.items()))
 
 
-def runs(out: str = '', steps: int | None = None) -> list[Run]:
+def runs(out: str = '', steps: int | None = None) -> list[TransferRunSpec]:
   """Every run in the order the runner works through them: all pre-training (seed-major), then all fine-tuning."""
   pre = [pretrain_run(m, s) for s in SEEDS for m in SOURCES.values() if m]
   fine = [finetune_run(series, s) for s in SEEDS for series in SOURCES]

@@ -47,13 +47,13 @@ import experiment  # noqa: E402  pylint: disable=g-import-not-at-top
 LOADED = re.compile(r'init_from .+: (\d+) arrays loaded')
 
 
-def init_from_applied(out: Path, run: experiment.Run) -> bool:
+def init_from_applied(out: Path, run: experiment.TransferRunSpec) -> bool:
   """Whether the fine-tuning log shows init_from loading the source (train.py must call init_from.initial_state)."""
   log = runner.log_path(out, run, 'train')
   return bool(LOADED.search(log.read_text())) if log.exists() else False
 
 
-def record_kernel_norms(run: experiment.Run, out: Path, timings, env: dict) -> None:
+def record_kernel_norms(run: experiment.TransferRunSpec, out: Path, timings, env: dict) -> None:
   """A trained source's kernel-norm growth (kernel_norms.py, in a subprocess: JAX stays out of this driver), once
   per checkpoint step, into its timings entry for the report."""
   step = runner.latest_checkpoint(out / run.name)
@@ -70,7 +70,7 @@ def record_kernel_norms(run: experiment.Run, out: Path, timings, env: dict) -> N
   timings.save()
 
 
-def finished_elsewhere(run: experiment.Run, out: Path, runs: list[experiment.Run]) -> bool:
+def finished_elsewhere(run: experiment.TransferRunSpec, out: Path, runs: list[experiment.TransferRunSpec]) -> bool:
   """Recorded but absent from OUT (another machine, or OUT cleaned): not trained again. A source only when every
   fine-tuning that starts from it is recorded too (an unrecorded one needs its workdir)."""
   if experiment.RECORDS.load(run.name) is None or (out / run.name).exists():
@@ -78,7 +78,7 @@ def finished_elsewhere(run: experiment.Run, out: Path, runs: list[experiment.Run
   return all(experiment.RECORDS.load(r.name) for r in runs if r.source == run.name)
 
 
-def record(run: experiment.Run, out: Path, timings) -> bool:
+def record(run: experiment.TransferRunSpec, out: Path, timings) -> bool:
   """Commits what the report needs of a finished run (a source trained with its kernel norms, a fine-tuning swept)
   to its record when it has none or an outdated one; whether it wrote."""
   entry = timings.run(run.name)

@@ -102,7 +102,7 @@ def loss_flattening(losses: Sequence[float]) -> dict[str, Any] | None:
   return {'before': before, 'last': last, 'drop': drop, 'flattened': drop < FLAT}
 
 
-def source_facts(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> list[dict[str, Any]]:
+def source_facts(out: Path, timings: dict, runs: Sequence[experiment.TransferRunSpec]) -> list[dict[str, Any]]:
   """Per pre-training run: its loss flattening and its recorded kernel-norm growth (run.py, kernel_norms.py)."""
   return [{'run': r.name, 'method': r.method, 'seed': r.seed,
            'loss': loss_flattening(training_log.losses(training_log.path(out, r.name))
@@ -111,7 +111,7 @@ def source_facts(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> li
           for r in runs if r.phase == 'pretrain']
 
 
-def table_of(out: Path, run: experiment.Run) -> tuple[list[Row], dict[str, Any]] | None:
+def table_of(out: Path, run: experiment.TransferRunSpec) -> tuple[list[Row], dict[str, Any]] | None:
   """A fine-tuning run's query table from its workdir, else from its record; None when it has neither."""
   try:
     return query.read_table(str(out / run.name))
@@ -120,7 +120,7 @@ def table_of(out: Path, run: experiment.Run) -> tuple[list[Row], dict[str, Any]]
     return ([query._row(r) for r in record['table']['rows']], record['table'].get('meta', {})) if record else None  # pylint: disable=protected-access
 
 
-def load(out: Path, timings: dict, runs: Sequence[experiment.Run]) -> Data:
+def load(out: Path, timings: dict, runs: Sequence[experiment.TransferRunSpec]) -> Data:
   """Everything the report shows, from OUT and, for runs OUT lacks, their records."""
   timings = experiment.RECORDS.merged_timings(timings, [r.name for r in runs])
   tables: vd.Tables = {}
@@ -330,7 +330,7 @@ def render(data: Data, verdicts: Sequence[Verdict], timings: dict) -> str:
   return '\n'.join(lines)
 
 
-def write_report(out: Path, docs: Path, timings: dict, runs: Sequence[experiment.Run]) -> list[Path]:
+def write_report(out: Path, docs: Path, timings: dict, runs: Sequence[experiment.TransferRunSpec]) -> list[Path]:
   data = load(out, timings, runs)
   verdicts = compute(data)
   written = write_data(data, verdicts, docs / 'transfer')
