@@ -2,6 +2,7 @@
 
   python main.py --config=configs/default.py --workdir=/tmp/fmnist [--config.num_epochs=1 ...]
   python main.py --mode=sweep --workdir=/tmp/fmnist   # the config saved by training; or pass --config
+  python main.py --mode=calibrate --workdir=/tmp/official --images=DIR_OR_NPY_OR_tfds:NAME   # BN from any images
   python main.py --mode=query --workdir=/tmp/fmnist --budget_mflops=20 [--format=json]
   python main.py --mode=export --workdir=/tmp/fmnist --width=0.75 --resolution=24
   python main.py --mode=predict --workdir=/tmp/fmnist --budget_ms=2 [--images=DIR_OR_NPY] [--count=10]
@@ -46,9 +47,11 @@ flags.DEFINE_bool('tflite_latency', False, 'sweep: also time each configuration 
 flags.DEFINE_bool('batch_latency', False, 'sweep: also time one eval batch per configuration (one more program to '
                   'compile per configuration; the ms@batch column).')
 flags.DEFINE_string('images', None, 'predict: an .npy of raw images (N, H, W, C) or a folder of image files, all of '
-                    'one size (default: --count images of --split).')
+                    'one size (default: --count images of --split). calibrate/sweep: calibrate BN on these images '
+                    'instead of the training split (sizes may differ; or tfds:NAME, a prepared dataset of any '
+                    'classes); no labels needed.')
 flags.DEFINE_string('split', None, 'predict: the dataset split to take images and labels from (default: the run\'s '
-                    'eval split).')
+                    'eval split); calibrate/sweep: the split of --images=tfds:NAME (default: train).')
 flags.DEFINE_integer('count', None, f'predict: how many images (default: {commands.PREDICT_COUNT} of the split, or '
                      'all of --images).')
 flags.DEFINE_enum('format', 'text', ['text', 'json'], 'query/calibrate/sweep/predict output: for people or for '
