@@ -83,13 +83,17 @@ class SubnetSteps:
                   if needs_loss_scaling(model) else None)
     self.programs = Programs(model, mesh, self._compile)
 
-  def _compile(self, bucket: Bucket, first: bool) -> Any:
+  def lower(self, bucket: Bucket, first: bool) -> Any:
+    """The bucket's program traced and lowered to XLA, not yet compiled (benchmarks/compile_time.py times each)."""
     fn = subnet_loss_and_grad(self.model, bucket, label_smoothing=self.config.label_smoothing,
                               temperature=self.config.kd_temperature, antialias=self.config.resize_antialias)
     active = self.active if bucket.masked else None
     summed = None if first else self.abstract_params
     return jax.jit(fn, donate_argnums=5).lower(self.abstract_params, self.images, self.targets[bucket.loss], active,
-                                               self.scale, summed).compile()
+                                               self.scale, summed)
+
+  def _compile(self, bucket: Bucket, first: bool) -> Any:
+    return self.lower(bucket, first).compile()
 
   def precompile(self, buckets: Sequence[Bucket], threads: int | None = None) -> float:
     """Compiles every bucket in parallel threads, the first (the teacher's) without a gradient sum; the wall time."""
