@@ -45,6 +45,7 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.kd_temperature = 1.0
   config.label_smoothing = 0.0
   config.resize_antialias = False     # bilinear on-device resize of the one input batch per sub-network
+  config.resize_align_corners = False  # True: corners onto corners, as the official code's F.interpolate
 
   # Data (mutualnet_jax.input_pipeline).
   config.dataset = 'fashion_mnist_local'
@@ -88,6 +89,9 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
 
   # BN calibration and evaluation (mutualnet_jax.bn_calibration, mutualnet_jax.sweep).
   config.calibration_images = 2000
+  # 'exact': pooled mean and variance of un-augmented images; 'official': per-batch means and unbiased variances of
+  # augmented batches averaged, as the official code's BatchNorm(momentum=None) recalibration.
+  config.bn_calibration = 'exact'
   config.calibration_batch_size = 200
   config.eval_batch_size = 500
   config.eval_every_steps = -1        # -1 = once per epoch (and at the end), 0 = never

@@ -31,7 +31,7 @@ from mutualnet_jax import checkpointing, export, input_pipeline, query, trained_
 from mutualnet_jax.adaptive import AdaptiveNetwork, held_rows
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.export import ExportedModel, TopK, load
-from mutualnet_jax.preprocess import input_size
+from mutualnet_jax.preprocess import Resize, input_size
 from mutualnet_jax.query import Row
 
 __all__ = ['AdaptiveNetwork', 'ExportedModel', 'Row', 'Run', 'TopK', 'UserError', 'load', 'open', 'preprocessing']
@@ -119,7 +119,7 @@ class Run:
     width, resolution = trained_run.check_request(self.config, width, resolution)  # before the checkpoint is read
     run = self.trained
     stats, _ = run.stats(width, resolution)
-    return export.build(run.model, run.params, stats, width, resolution, run.channels, self.config.resize_antialias,
+    return export.build(run.model, run.params, stats, width, resolution, run.channels, Resize.of(self.config),
                         preprocessing(self.config, run.channels))
 
   def examples(self, count: int = 8, split: str | None = None) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:

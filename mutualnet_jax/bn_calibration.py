@@ -4,7 +4,9 @@ Statistics are not shared across configurations: after training, each (width, re
 variance per BN layer, recomputed from a few thousand training images as an exact cumulative average. Each batch runs
 the network in training mode (every BN normalises with its batch statistics, as the official code does while
 calibrating) and its per-layer moments are merged with Chan's parallel formula, so the result equals the mean and
-(biased) variance over all calibration images of each BN layer's input. One compiled program per bucket
+(biased) variance over all calibration images of each BN layer's input. `official=True` instead averages each
+batch's mean and unbiased variance with equal weight, as PyTorch's BatchNorm with momentum=None does in the official
+code (on augmented batches there: input_pipeline.calibration_iterator). One compiled program per bucket
 (`mutualnet_jax.programs`).
 
 `StatsStore` keeps one orbax item per (width, resolution) under `workdir/bn_stats/`, holding only the compact arrays
@@ -17,17 +19,38 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Iterable, Mapping
 
+import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mutualnet_jax import parallel, programs, workdir as workdir_lib
+from mutualnet_jax import parallel, programs, slim, workdir as workdir_lib
 from mutualnet_jax.errors import UserError, reason
-from mutualnet_jax.preprocess import resize
 
 STORE_DIR = 'bn_stats'
+
+
+def _average(acc: Any, batch: Any, elements: Mapping[tuple[str, ...], int]) -> Any:
+  """The official code's cumulative average: per-batch means and unbiased variances (a layer's batch variance
+  times n / (n - 1), n its elements per channel, `elements` by layer path) summed with equal weight; 'mean' and
+  'm2' hold the sums, the caller divides by the number of batches."""
+  def add(path: tuple[Any, ...], a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    n = elements[tuple(k.key for k in path)]
+    return {'mean': a['mean'] + b['mean'], 'm2': a['m2'] + b['var'] * (n / (n - 1))}
+  return jax.tree_util.tree_map_with_path(add, acc, batch, is_leaf=programs.is_layer)
+
+
+def _bn_elements(record: dict[tuple[str, ...], int]) -> Callable[..., Any]:
+  """A flax interceptor noting each BN layer's elements per channel (batch x height x width) by its path, at trace
+  time (shapes are static: nothing is computed at run time)."""
+  def intercept(next_fun, args, kwargs, context):
+    if isinstance(context.module, slim.SlimBatchNorm) and context.method_name == '__call__':
+      record[tuple(context.module.scope.path)] = args[0].size // args[0].shape[-1]
+    return next_fun(*args, **kwargs)
+  return intercept
 
 
 def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
@@ -43,17 +66,31 @@ def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
   return jax.tree.map(merge_layer, acc, batch, is_leaf=programs.is_layer)
 
 
+def is_official(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run recalibrates as the official code does (config.bn_calibration; 'exact' when absent)."""
+  return config.get('bn_calibration', 'exact') == 'official'
+
+
 class Calibrator(programs.BucketPass):
   """Recomputes BN statistics of (width, resolution) sub-networks; one compiled program per bucket (an exact width,
   or a capacity reused for every width it holds). Statistics are global (over all devices), whatever BN grouping
   training used."""
 
+  def __init__(self, *args: Any, official: bool = False, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self.official = official
+
   def build(self, bucket: programs.Bucket, variant: None) -> Callable[..., Any]:
     del variant
+
     def step(params, images, acc, count, active):
-      x = resize(images, bucket.resolution, self.antialias)
-      _, state = self.model.apply({'params': params}, x, width=bucket.width, train=True, active=active,
-                                  mutable=['bn_moments'])
+      x = self.resize(images, bucket.resolution)
+      elements: dict[tuple[str, ...], int] = {}
+      with nn.intercept_methods(_bn_elements(elements)):
+        _, state = self.model.apply({'params': params}, x, width=bucket.width, train=True, active=active,
+                                    mutable=['bn_moments'])
+      if self.official:
+        return _average(acc, state['bn_moments'], elements)
       return _merge(acc, count, state['bn_moments'], x.shape[0])
     # Outputs placed like the inputs, so the second batch hits the first batch's executable.
     return jax.jit(step, donate_argnums=(2,), out_shardings=parallel.replicated_sharding(self.mesh))
@@ -70,7 +107,7 @@ class Calibrator(programs.BucketPass):
     `batches` yields process-local dicts with an 'image' entry (full batches; see
     `input_pipeline.calibration_iterator`)."""
     bucket, step, active = self.program(width, resolution)
-    acc, count = None, 0
+    acc, count, num_batches = None, 0, 0
     for batch in batches:
       images = parallel.global_batch({'image': batch['image']}, self.mesh)['image']
       if acc is None:
@@ -78,10 +115,14 @@ class Calibrator(programs.BucketPass):
         acc = self._zeros(shapes(params, bucket.width))
       acc = step(params, images, acc, np.float32(count), active)
       count += images.shape[0]
+      num_batches += 1
     if acc is None:
       raise UserError('BN calibration got no batch: the training split holds fewer images than '
                       'config.calibration_batch_size; lower it.')
-    to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / np.float32(count)}  # noqa: E731
+    if self.official:
+      to_stats = lambda a: {'mean': a['mean'] / np.float32(num_batches), 'var': a['m2'] / np.float32(num_batches)}  # noqa: E731
+    else:
+      to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / np.float32(count)}  # noqa: E731
     stats = jax.tree.map(to_stats, jax.device_get(acc), is_leaf=lambda x: isinstance(x, Mapping) and 'm2' in x)
     return programs.slice_stats(stats, shapes(params, width)) if bucket.masked else stats
 

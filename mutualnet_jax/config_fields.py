@@ -21,6 +21,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 CONV_IMPLS = ('xla', 'cpu_fast', 'auto')  # slim.CONV_IMPLS (JAX) is kept equal by tests/test_config_check.py
 WIDTH_SAMPLING = ('uniform', 'grid')
 AUGMENTATIONS = ('imagenet', 'random_resized_crop', 'small', 'none')
+BN_CALIBRATIONS = ('exact', 'official')
 
 
 class Resume(enum.Enum):
@@ -121,6 +122,7 @@ FIELDS: dict[str, Field] = {
     'kd_temperature': Field(_POSITIVE, 'a temperature > 0', '1.0'),
     'label_smoothing': Field(_num(0, 1, hi_open=True), 'in [0, 1)', '0.1', resume=_OPTIMISER),
     'resize_antialias': Field(_BOOL, 'True or False', 'False'),
+    'resize_align_corners': Field(_BOOL, 'True or False', 'False', legacy=False),
     # Data (mutualnet_jax.input_pipeline).
     'dataset': Field(_NAME, 'a TFDS dataset name', 'fashion_mnist_local'),
     'data_dir': Field(_STR, 'a directory (or empty)', "''", resume=_FREE),
@@ -155,6 +157,7 @@ FIELDS: dict[str, Field] = {
     'init_classifier': Field(*_choice('auto', 'fresh', 'load'), 'auto', resume=_FREE),
     # BN calibration and evaluation (mutualnet_jax.bn_calibration, mutualnet_jax.sweep).
     'calibration_images': Field(_int(1), 'an integer >= 1', '2000', resume=_FREE),
+    'bn_calibration': Field(*_choice(*BN_CALIBRATIONS), 'exact', resume=_FREE, legacy='exact'),
     'calibration_batch_size': Field(_int(1), 'an integer >= 1', '200', resume=_FREE),
     'eval_batch_size': Field(_int(1), 'an integer >= 1', '500', resume=_FREE),
     'eval_every_steps': Field(lambda v: _int()(v) and v >= -1, '-1 (each epoch), 0 (never) or a step count', '-1',

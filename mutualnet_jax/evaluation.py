@@ -9,7 +9,6 @@ import numpy as np
 
 from mutualnet_jax import parallel, programs
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.preprocess import resize
 
 
 class Evaluator(programs.BucketPass):
@@ -19,7 +18,7 @@ class Evaluator(programs.BucketPass):
   def build(self, bucket: programs.Bucket, variant: None):
     del variant
     def counts(variables, images, labels, mask, active):
-      logits = self.model.apply(variables, resize(images, bucket.resolution, self.antialias), width=bucket.width,
+      logits = self.model.apply(variables, self.resize(images, bucket.resolution), width=bucket.width,
                                 train=False, active=active)
       top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
       hit1 = (top5[:, 0] == labels) * mask

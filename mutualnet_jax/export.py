@@ -40,7 +40,7 @@ from mutualnet_jax.bn_calibration import store_key
 from mutualnet_jax.errors import UserError, reason
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel, trace_layers
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.preprocess import Resize, resize
 
 EXPORT_DIR = 'export'
 FORMAT_VERSION = 2  # 2: the preprocessing of raw pixels is saved with the network
@@ -165,10 +165,12 @@ class ExportedModel:
   channels: int
   antialias: bool = False
   preprocessing: Preprocessing | None = None
+  align_corners: bool = False  # the run's resize (preprocess.Resize); absent from exports written before it
 
   def forward(self, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
     """Logits of normalised (B, H, W, C) images, resized to the resolution: pure, for jit and jax2tf."""
-    return apply_narrow(self.model, variables, resize(images, self.resolution, self.antialias), self.width)
+    return apply_narrow(self.model, variables, resize(images, self.resolution, self.antialias, self.align_corners),
+                        self.width)
 
   def forward_raw(self, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
     """Logits of raw [0, 255] (B, H, W, C) images: the preprocessing, then `forward` (pure, for jit and jax2tf)."""
@@ -260,11 +262,12 @@ def _finite(images: jax.Array) -> jax.Array:
 
 
 def build(model: SlimmableModel, params: Any, stats: Any, width: float, resolution: int, channels: int,
-          antialias: bool = False, preprocessing: Preprocessing | None = None) -> ExportedModel:
-  """The exported form of the slimmable `model` at (width, resolution), in memory."""
+          resizing: Resize = Resize(), preprocessing: Preprocessing | None = None) -> ExportedModel:
+  """The exported form of the slimmable `model` at (width, resolution), in memory, resizing as its run did."""
   variables = {'params': narrow_params(model, params, width, resolution, channels),
                'batch_stats': jax.device_get(stats)}
-  return ExportedModel(model.clone(bn_groups=1), variables, width, int(resolution), channels, antialias, preprocessing)
+  return ExportedModel(model.clone(bn_groups=1), variables, width, int(resolution), channels, resizing.antialias,
+                       preprocessing, resizing.align_corners)
 
 
 def is_export(path: epath.Path) -> bool:
@@ -284,7 +287,7 @@ def save(exported: ExportedModel, path: str | epath.PathLike, model_config: Mapp
   preprocessing = exported.preprocessing.to_json() if exported.preprocessing else None
   config = {'format_version': FORMAT_VERSION, 'model': dict(model_config), 'width': exported.width,
             'resolution': exported.resolution, 'channels': exported.channels, 'antialias': exported.antialias,
-            'preprocessing': preprocessing, 'source': dict(source or {})}
+            'align_corners': exported.align_corners, 'preprocessing': preprocessing, 'source': dict(source or {})}
 
   def write(tmp: epath.Path) -> None:
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=ocp.args.Composite(
@@ -311,7 +314,8 @@ def load(path: str | epath.PathLike) -> ExportedModel:
   preprocessing = config.get('preprocessing')  # absent in format 1
   return ExportedModel(get_model(config['model']), variables, config['width'], config['resolution'],
                        config['channels'], config['antialias'],
-                       Preprocessing.from_json(preprocessing) if preprocessing else None)
+                       Preprocessing.from_json(preprocessing) if preprocessing else None,
+                       bool(config.get('align_corners', False)))
 
 
 def default_path(workdir: str, width: float, resolution: int) -> epath.Path:

@@ -456,7 +456,9 @@ def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int, 
                          dataset: str | None = None, split: str | None = None) -> Iterator[Batch]:
   """The same `num_images` training images on every call (seeded by config.seed only), with eval preprocessing:
   from config.train_split of the run's dataset, or from `split` (default 'train') of another prepared TFDS
-  `dataset` of any classes (no labels are read), preprocessed as the run's images.
+  `dataset` of any classes (no labels are read), preprocessed as the run's images. With
+  `config.bn_calibration='official'` they get the training augmentation instead (seeded the same way, so every call
+  still yields the same batches), as the official code recalibrates on its training loader.
 
   These recompute batch-norm statistics of a sub-network after training, so they must not depend on how far
   training got; only full batches are yielded (num_images // global_batch_size of them).
@@ -468,12 +470,19 @@ def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int, 
   if num_batches < 1:
     raise UserError(f'{num_images} calibration images make no batch of {global_batch_size}: raise the image count '
                     'or lower the calibration batch size.')
-  shuffle_seed, _ = _seeds(config.seed, _CALIBRATION_STREAM, jax.process_index())
+  shuffle_seed, augment_seed = _seeds(config.seed, _CALIBRATION_STREAM, jax.process_index())
   examples = source.read(tfds.split_for_jax_process(split, drop_remainder=True), shuffle_seed=shuffle_seed)
   examples = examples.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(num_batches * local_batch_size)
   preprocessor = source.preprocessor()
-  examples = examples.map(lambda e: {'image': preprocessor.eval_image(e['image'])},
-                          num_parallel_calls=tf.data.AUTOTUNE)
+  if config.get('bn_calibration', 'exact') == 'official':  # bn_calibration.is_official (JAX-free here)
+    examples = examples.enumerate().map(
+        lambda index, e: {'image': preprocessor.train({'image': e['image'], 'label': tf.constant(0)},
+                                                      tf.random.experimental.stateless_fold_in(augment_seed,
+                                                                                               index))['image']},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    examples = examples.map(lambda e: {'image': preprocessor.eval_image(e['image'])},
+                            num_parallel_calls=tf.data.AUTOTUNE)
   examples = examples.batch(local_batch_size, drop_remainder=True)
   return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 

@@ -1,6 +1,8 @@
 """On-device input transforms shared by training, calibration and evaluation."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,3 +34,18 @@ def resize(images: jax.Array, resolution: int, antialias: bool = False, align_co
   scale = jnp.array([(resolution - 1) / (h - 1), (resolution - 1) / (w - 1)], jnp.float32)
   return jax.image.scale_and_translate(images, (b, resolution, resolution, c), (1, 2), scale, (1.0 - scale) / 2,
                                        method='linear', antialias=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+  """How every sub-network resizes the one input batch: one value from the config, so training, BN calibration,
+  evaluation and exports resize alike (`resize_antialias`, `resize_align_corners`)."""
+  antialias: bool = False
+  align_corners: bool = False
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> Resize:
+    return cls(bool(config.resize_antialias), bool(config.get('resize_align_corners', False)))
+
+  def __call__(self, images: jax.Array, resolution: int) -> jax.Array:
+    return resize(images, resolution, self.antialias, self.align_corners)

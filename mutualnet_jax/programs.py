@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from mutualnet_jax import parallel, slim
 from mutualnet_jax.models.base import SlimmableModel
+from mutualnet_jax.preprocess import Resize
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -93,9 +94,9 @@ class BucketPass:
   """A post-training pass over sub-networks (BN calibration, evaluation): the model with global BN statistics, the
   mesh, how inputs are resized, the capacities its widths run in, and its programs, built by `build`."""
 
-  def __init__(self, model: SlimmableModel, mesh: Mesh, antialias: bool = False, capacities: Sequence[float] = ()):
+  def __init__(self, model: SlimmableModel, mesh: Mesh, resize: Resize = Resize(), capacities: Sequence[float] = ()):
     self.model = model.clone(bn_groups=1)
-    self.mesh, self.antialias, self.capacities = mesh, antialias, tuple(capacities)
+    self.mesh, self.resize, self.capacities = mesh, resize, tuple(capacities)
     self.programs = Programs(self.model, mesh, self.build)
     self._bn_shapes: dict[int, BNShapes] = {}
 

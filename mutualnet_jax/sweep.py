@@ -28,6 +28,7 @@ from etils import epath
 from mutualnet_jax import export, input_pipeline, latency, plots, profile, query, workdir as workdir_lib
 from mutualnet_jax.compilation import CompileCounter
 from mutualnet_jax.errors import UserError
+from mutualnet_jax.preprocess import Resize
 from mutualnet_jax.query import Row
 from mutualnet_jax.trained_run import TrainedRun, open_run, selection
 
@@ -89,7 +90,7 @@ def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int,
                timing: Timing) -> tuple[float, float | None, float | None]:
   """Median ms of the exported network at batch 1 on the first local device, and what `timing` adds (None when
   not asked)."""
-  model = export.build(run.model, run.params, stats, width, resolution, run.channels, run.config.resize_antialias)
+  model = export.build(run.model, run.params, stats, width, resolution, run.channels, Resize.of(run.config))
   device = jax.local_devices()[0]
   variables = jax.device_put(model.variables, device)
   predict = jax.jit(lambda v, x: export.apply_narrow(model.model, v, x, width))

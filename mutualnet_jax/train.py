@@ -18,7 +18,7 @@ from mutualnet_jax import (bn_calibration, checkpointing, compilation, config_ch
                            input_pipeline, parallel, workdir as workdir_lib)
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.guards import PreemptionGuard, check_finite
-from mutualnet_jax.preprocess import input_size
+from mutualnet_jax.preprocess import Resize, input_size
 from mutualnet_jax.train_state import TrainState
 from mutualnet_jax.train_step import Trainer
 
@@ -45,8 +45,9 @@ class InTrainingEval:
 
   def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer):
     self.config = config
-    self.calibrator = bn_calibration.Calibrator(trainer.model, trainer.mesh, config.resize_antialias)
-    self.evaluator = evaluation.Evaluator(trainer.model, trainer.mesh, config.resize_antialias)
+    self.calibrator = bn_calibration.Calibrator(trainer.model, trainer.mesh, Resize.of(config),
+                                                official=bn_calibration.is_official(config))
+    self.evaluator = evaluation.Evaluator(trainer.model, trainer.mesh, Resize.of(config))
     sampler = trainer.sampler
     self.configs = {sampler.teacher.name: (sampler.teacher.width, sampler.teacher.resolution)}
     if sampler.method != 'independent':

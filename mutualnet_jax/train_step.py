@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from mutualnet_jax import losses, parallel
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.preprocess import Resize
 from mutualnet_jax.programs import Bucket, Programs
 from mutualnet_jax.sampling import Sampler, StepPlan, Subnet
 from mutualnet_jax.train_state import (TrainState, abstract_state, adjust_loss_scale, create_optimizer, init_state,
@@ -28,7 +28,7 @@ from mutualnet_jax.train_state import (TrainState, abstract_state, adjust_loss_s
 
 
 def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothing: float = 0.0,
-                         temperature: float = 1.0, antialias: bool = False) -> Callable[..., Any]:
+                         temperature: float = 1.0, resize: Resize = Resize()) -> Callable[..., Any]:
   """(params, images, target, active, scale, grads) -> (metrics, grads + this sub-network's gradients, logits) for
   one sub-network bucket.
 
@@ -41,7 +41,7 @@ def subnet_loss_and_grad(model: SlimmableModel, subnet: Bucket, *, label_smoothi
   """
   def fn(params: Any, images: jax.Array, target: jax.Array, active: jax.Array | None, scale: jax.Array | None,
          summed: Any):
-    x = resize(images, subnet.resolution, antialias)
+    x = resize(images, subnet.resolution)
 
     def loss_fn(p):
       logits = model.apply({'params': p}, x, width=subnet.width, train=True, active=active)
@@ -86,7 +86,7 @@ class SubnetSteps:
   def lower(self, bucket: Bucket, first: bool) -> Any:
     """The bucket's program traced and lowered to XLA, not yet compiled (benchmarks/compile_time.py times each)."""
     fn = subnet_loss_and_grad(self.model, bucket, label_smoothing=self.config.label_smoothing,
-                              temperature=self.config.kd_temperature, antialias=self.config.resize_antialias)
+                              temperature=self.config.kd_temperature, resize=Resize.of(self.config))
     active = self.active if bucket.masked else None
     summed = None if first else self.abstract_params
     return jax.jit(fn, donate_argnums=5).lower(self.abstract_params, self.images, self.targets[bucket.loss], active,

@@ -23,7 +23,7 @@ from mutualnet_jax.bn_calibration import tree_digest
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.preprocess import input_size
+from mutualnet_jax.preprocess import Resize, input_size
 from mutualnet_jax.train_state import abstract_run_state
 
 
@@ -93,7 +93,10 @@ class TrainedRun:
     a different provenance are stale (see `bn_calibration.accepts`)."""
     c = self.config
     weights = {'params_digest': self.params_digest, 'checkpoint_step': self.step}
-    common = {'image_size': self.image_size, 'antialias': bool(c.resize_antialias)}
+    # Settings added later enter only when they differ from the old behaviour: existing stores stay current.
+    common = {'image_size': self.image_size, 'antialias': bool(c.resize_antialias),
+              **({'align_corners': True} if c.get('resize_align_corners', False) else {}),
+              **({'calibration': 'official'} if bn_calibration.is_official(c) else {})}
     if images is not None:
       return {**weights, **images.provenance, **common}
     return {**weights, 'dataset': c.dataset, 'train_split': c.train_split, 'seed': c.seed,
@@ -105,11 +108,12 @@ class TrainedRun:
 
   @functools.cached_property
   def calibrator(self) -> bn_calibration.Calibrator:
-    return bn_calibration.Calibrator(self.model, self.mesh, self.config.resize_antialias, self.capacities)
+    return bn_calibration.Calibrator(self.model, self.mesh, Resize.of(self.config), self.capacities,
+                                     official=bn_calibration.is_official(self.config))
 
   @functools.cached_property
   def evaluator(self) -> evaluation.Evaluator:
-    return evaluation.Evaluator(self.model, self.mesh, self.config.resize_antialias, self.capacities)
+    return evaluation.Evaluator(self.model, self.mesh, Resize.of(self.config), self.capacities)
 
   @functools.cached_property
   def calibration_batches(self) -> input_pipeline.Replay:

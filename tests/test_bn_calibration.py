@@ -61,6 +61,24 @@ def test_calibrated_statistics_equal_numpy_over_the_same_images(setup, width, re
                                err_msg=path)
 
 
+@pytest.mark.parametrize('width,resolution', [A, B])
+def test_official_recalibration_averages_each_batchs_mean_and_unbiased_variance(setup, width, resolution):
+  """bn_calibration='official': PyTorch's BatchNorm(momentum=None) over the same batches, i.e. the plain average of
+  the per-batch means and of the per-batch variances times n / (n - 1), n = a layer's elements per channel."""
+  model, mesh, params, batches, calibrator = setup
+  official = bn_calibration.Calibrator(model, mesh, official=True).calibrate(params, width, resolution, batches)
+  per_batch = [calibrator.calibrate(params, width, resolution, [b]) for b in batches]
+  inputs = jax.device_get(_bn_inputs(model, width, resolution)(params, batches[0]['image']))
+  for path, x in inputs.items():
+    layer, bn = path.split('/')
+    n = x.size // x.shape[-1]
+    np.testing.assert_allclose(official[layer][bn]['mean'], np.mean([p[layer][bn]['mean'] for p in per_batch], 0),
+                               rtol=1e-5, atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(official[layer][bn]['var'],
+                               np.mean([p[layer][bn]['var'] for p in per_batch], 0) * n / (n - 1),
+                               rtol=1e-4, atol=1e-6, err_msg=path)
+
+
 def test_each_bucket_compiles_once(setup):
   _, _, params, batches, calibrator = setup
   calibrator.calibrate(params, *A, batches)

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from mutualnet_jax import api, bn_calibration, errors, export, input_pipeline, parallel, tf_export
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.preprocess import Resize, resize
 from tests.util import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +53,20 @@ def test_exported_model_matches_the_slimmable_one(tmp_path):
   images = np.random.RandomState(0).randn(3, 16, 16, 1).astype(np.float32)
   expected = _slimmable(model, width, resolution)({'params': params, 'batch_stats': stats}, images)
   assert float(jnp.abs(expected).max()) > 1e-3  # not a trivially zero output
+  np.testing.assert_allclose(loaded.predict(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_export_resizes_as_its_run_did(tmp_path):
+  """A run trained with resize_align_corners exports, saves and reloads a network that resizes the same way."""
+  name, width, resolution = 'tiny_convnet', 0.25, 8
+  model, params, stats = _setup(name, width, resolution)
+  path = export.save(export.build(model, params, stats, width, resolution, 1, Resize(align_corners=True)),
+                     tmp_path / 'net', dict(name=name, num_classes=10, conv_impl='xla', **MODELS[name]))
+  loaded = export.load(path)
+  assert loaded.align_corners and not loaded.antialias
+  images = np.random.RandomState(0).randn(3, 16, 16, 1).astype(np.float32)
+  expected = jax.jit(lambda v, x: model.apply(v, resize(x, resolution, align_corners=True), width=width,
+                                              train=False))({'params': params, 'batch_stats': stats}, images)
   np.testing.assert_allclose(loaded.predict(images), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -214,6 +214,19 @@ def test_calibration_is_fixed_and_uses_eval_preprocessing(tiny_dir):
   assert len(set(indices)) == 40 and indices.max() < TINY_TRAIN
 
 
+def test_official_calibration_batches_are_augmented_and_still_fixed(tiny_dir):
+  """bn_calibration='official' recalibrates on the training augmentation (as the official code's train loader), yet
+  every call yields the same batches."""
+  exact = list(input_pipeline.calibration_iterator(_config(tiny_dir, augmentation='small'), num_images=45,
+                                                   global_batch_size=10))
+  config = _config(tiny_dir, augmentation='small', bn_calibration='official')
+  first = list(input_pipeline.calibration_iterator(config, num_images=45, global_batch_size=10))
+  _assert_same_batches(first, list(input_pipeline.calibration_iterator(config, num_images=45, global_batch_size=10)))
+  assert len(first) == len(exact) == 4
+  assert [b['image'].shape for b in first] == [b['image'].shape for b in exact]
+  assert not all(np.array_equal(a['image'], b['image']) for a, b in zip(first, exact))  # pad-crop and flip
+
+
 def test_local_builder_has_the_stock_features(tmp_path):
   ours = tfds.builder('fashion_mnist_local', data_dir=tmp_path).info.features
   stock = tfds.builder('fashion_mnist', data_dir=tmp_path).info.features

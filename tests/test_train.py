@@ -9,9 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from mutualnet_jax import parallel, train, train_state
+from mutualnet_jax import parallel, train, train_state, train_step
 from mutualnet_jax.compilation import CompileCounter
 from mutualnet_jax.errors import UserError
+from mutualnet_jax.preprocess import Resize, resize
+from mutualnet_jax.programs import Bucket
 from mutualnet_jax.sampling import StepPlan, Subnet
 from tests.util import tiny_config
 
@@ -90,6 +92,25 @@ def test_step_sums_the_subnetwork_gradients_into_one_update(trainer):
   assert float(metrics['loss/min']) == pytest.approx(float(m_s['loss']))
   # The student's loss is the KL to the teacher: its gradient reaches only the slice it uses.
   assert float(jnp.abs(g_s['stem']['conv']['kernel'][..., 8:]).max()) == 0.0
+
+
+def test_the_step_resizes_as_the_config_says(trainer):
+  """resize_align_corners=True: each sub-network sees its input resized corners-onto-corners (the official code's
+  F.interpolate), i.e. the same loss and gradients as the default step fed images resized that way beforehand."""
+  model, batch = trainer.model, make_batch(trainer.mesh)
+  params = trainer.init_state(0).params
+  bucket = Bucket(STUDENT.width, STUDENT.resolution, 'ce')
+  official = train_step.subnet_loss_and_grad(model, bucket, resize=Resize(align_corners=True))
+  default = train_step.subnet_loss_and_grad(model, bucket)
+  m_a, g_a, _ = jax.jit(official)(params, batch['image'], batch['label'], None, None, None)
+  resized = resize(batch['image'], STUDENT.resolution, align_corners=True)
+  m_b, g_b, _ = jax.jit(default)(params, resized, batch['label'], None, None, None)
+  m_c, _, _ = jax.jit(default)(params, batch['image'], batch['label'], None, None, None)
+  assert float(m_a['loss']) == pytest.approx(float(m_b['loss']), rel=1e-6)
+  assert float(m_a['loss']) != pytest.approx(float(m_c['loss']), rel=1e-4)
+  for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # the same values, differently fused
+  assert Resize.of(tiny_config(resize_align_corners=True)) == Resize(align_corners=True)
 
 
 def test_a_bucket_seen_again_never_recompiles(trainer):
