@@ -89,12 +89,14 @@ def _load_builder(config: ml_collections.ConfigDict, name: str | None = None) ->
     raise UserError(f'Unknown dataset {name!r}: set --config.dataset to a TFDS name (e.g. cifar10, '
                     f'imagenet2012) or one of the offline builders {sorted(datasets.LOCAL_BUILDERS)}.') from None
   if not builder.is_prepared():
-    _prepare(builder, name, config)
+    _prepare(builder, config, name)
   return builder
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, name: str, config: ml_collections.ConfigDict) -> None:
-  """Prepares a local builder from its raw files; anything else would need a network, so it is the user's job."""
+def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, name: str | None = None) -> None:
+  """Prepares a local builder (of dataset `name`, default the run's) from its raw files; anything else would need a
+  network, so it is the user's job."""
+  name = name or config.dataset
   local = datasets.LOCAL_BUILDERS.get(_base_name(name))
   root = os.fspath(builder.data_dir_root)
   if local is None:

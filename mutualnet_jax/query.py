@@ -160,10 +160,12 @@ def query(rows: Sequence[Row], budget_mflops: float | None = None, budget_ms: fl
     raise UserError(f'--latency must be one of {sorted(LATENCY_COLUMNS)}, got {latency!r}.')
   if not rows:
     raise UserError('the query table is empty: run --mode=sweep again.')
+  if not scored(rows) and all(r.top1 is None for r in rows):
+    raise UserError("no row of the query table has a top-1 accuracy (the sweep had no labels of the model's "
+                    'classes): sweep where its eval split can be read to query by accuracy.')
   rows = scored(rows)
   if not rows:
-    raise UserError('no row of the query table has a top-1 accuracy (not measured, or NaN): sweep on a dataset with '
-                    "labels of the model's classes to query by accuracy.")
+    raise UserError('no row of the query table has a top-1 accuracy (all NaN): run --mode=sweep again.')
   column = LATENCY_COLUMNS[latency]
   if budget_ms is not None and all(getattr(r, column) is None for r in rows):
     raise UserError(f'the query table has no {COSTS[column]} column: sweep with --tflite_latency first.')

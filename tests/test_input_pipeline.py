@@ -366,7 +366,7 @@ def test_labels_out_of_range_are_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Images from outside the run's dataset, for BN calibration.
 
-def _batches(source):
+def _source_images(source):
   return np.concatenate([b['image'] for b in source.batches])
 
 
@@ -375,13 +375,13 @@ def test_an_array_source_gets_the_runs_eval_preprocessing(tiny_dir):
   images = _tiny_images(50, 0)
   source = input_pipeline.image_source(config, images, channels=1)
   assert (source.num_images, source.batch_size, source.description) == (40, 10, 'an array')
-  np.testing.assert_array_equal(_image_index(_batches(source)), np.arange(40))  # in order, normalised as the run's
+  np.testing.assert_array_equal(_image_index(_source_images(source)), np.arange(40))  # in order, as the run normalises
   assert input_pipeline.image_source(config, images[..., None], 1).digest == source.digest  # (N, H, W, 1) alike
   assert input_pipeline.image_source(config, images[1:], 1).digest != source.digest
   few = input_pipeline.image_source(config, images[:3], 1)
   assert (few.num_images, few.batch_size) == (3, 3)  # fewer than a batch: one batch of all of them
   mixed = input_pipeline.image_source(config, [images[0], np.zeros((40, 30), np.uint8)], 1)
-  assert _batches(mixed).shape == (2, 28, 28, 1)  # other sizes are resized like the dataset's images
+  assert _source_images(mixed).shape == (2, 28, 28, 1)  # other sizes are resized like the dataset's images
 
 
 @pytest.mark.parametrize('images,fragment', [
@@ -415,7 +415,7 @@ def test_a_tfds_dataset_of_other_classes_calibrates(tmp_path):
   source = input_pipeline.image_source(_config(tmp_path, calibration_images=8, calibration_batch_size=4), 'tfds:fm3',
                                        channels=1)
   assert (source.num_images, source.batch_size, source.description) == (8, 4, 'tfds:fm3 train')
-  assert len(set(_image_index(_batches(source)))) == 8  # Fashion-MNIST's normalisation (the run's), 8 images
+  assert len(set(_image_index(_source_images(source)))) == 8  # Fashion-MNIST's normalisation (the run's), 8 images
   with pytest.raises(UserError, match="'fm3' has 1-channel images, the run takes 3"):
     input_pipeline.image_source(_config(tmp_path), 'tfds:fm3', channels=3)
 
