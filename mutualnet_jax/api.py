@@ -31,7 +31,7 @@ from mutualnet_jax import checkpointing, export, input_pipeline, query, trained_
 from mutualnet_jax.adaptive import AdaptiveNetwork, held_rows
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.export import ExportedModel, TopK, load
-from mutualnet_jax.preprocess import Resize, input_size
+from mutualnet_jax.resizing import Resize, input_size
 from mutualnet_jax.query import Row
 
 __all__ = ['AdaptiveNetwork', 'ExportedModel', 'Row', 'Run', 'TopK', 'UserError', 'load', 'open', 'preprocessing']

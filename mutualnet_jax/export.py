@@ -40,7 +40,7 @@ from mutualnet_jax.bn_calibration import store_key
 from mutualnet_jax.errors import UserError, reason
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel, trace_layers
-from mutualnet_jax.preprocess import Resize, resize
+from mutualnet_jax.resizing import Resize, resize
 
 EXPORT_DIR = 'export'
 FORMAT_VERSION = 2  # 2: the preprocessing of raw pixels is saved with the network
@@ -165,7 +165,7 @@ class ExportedModel:
   channels: int
   antialias: bool = False
   preprocessing: Preprocessing | None = None
-  align_corners: bool = False  # the run's resize (preprocess.Resize); absent from exports written before it
+  align_corners: bool = False  # the run's resize (resizing.Resize); absent from exports written before it
 
   def forward(self, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
     """Logits of normalised (B, H, W, C) images, resized to the resolution: pure, for jit and jax2tf."""

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from mutualnet_jax import datasets
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.preprocess import input_size
+from mutualnet_jax.resizing import input_size
 
 Batch = dict[str, np.ndarray]
 
@@ -144,7 +144,7 @@ def _seeds(*parts: int) -> tuple[int, tf.Tensor]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Preprocessor:
+class _ExampleTransform:
   """Turns one example into a model input; `train` is random but a pure function of its seed."""
   augmentation: str
   size: int
@@ -291,13 +291,13 @@ def normalization(config: ml_collections.ConfigDict, channels: int) -> tuple[tup
   return mean, std
 
 
-def _preprocessor(config: ml_collections.ConfigDict, source_shape: tuple[int | None, ...],
-                 jpeg: bool = False) -> _Preprocessor:
+def _example_transform(config: ml_collections.ConfigDict, source_shape: tuple[int | None, ...],
+                       jpeg: bool = False) -> _ExampleTransform:
   """The run's preprocessing (its normalisation, crop and input size) of images shaped `source_shape`, whatever
   dataset they come from."""
   channels = source_shape[-1]
   mean, std = normalization(config, channels)
-  return _Preprocessor(augmentation=config.augmentation, size=input_size(config), channels=channels,
+  return _ExampleTransform(augmentation=config.augmentation, size=input_size(config), channels=channels,
                        source_shape=source_shape, jpeg=jpeg, crop_scale=tuple(config.crop_scale),
                        pad_crop=config.pad_crop, mean=mean, std=std, color_jitter=float(config.color_jitter),
                        lighting=float(config.lighting))
@@ -317,9 +317,9 @@ class _Source:
                        num_eval_examples=_num_examples(self.builder, self.config.eval_split),
                        channels=features['image'].shape[-1])
 
-  def preprocessor(self) -> _Preprocessor:
+  def transform(self) -> _ExampleTransform:
     image_feature = self.builder.info.features['image']
-    return _preprocessor(self.config, tuple(image_feature.shape), image_feature.encoding_format == 'jpeg')
+    return _example_transform(self.config, tuple(image_feature.shape), image_feature.encoding_format == 'jpeg')
 
   def read(self, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Examples with encoded images: in file order, or with the files in a seeded order if `shuffle_seed`."""
@@ -371,7 +371,7 @@ class TrainIterator:
                       'config.batch_size.')
     self.step = start_step
     self._split = tfds.split_for_jax_process(source.config.train_split, drop_remainder=True)
-    self._preprocessor = source.preprocessor()
+    self._transform = source.transform()
     self._cached = self._decoded_cache()
     self._batches: Iterator[Batch] | None = None
 
@@ -379,7 +379,7 @@ class TrainIterator:
     """Small datasets are decoded once and kept in memory; file order is then fixed and the buffer shuffles."""
     if not self._source.fits_in_memory(self._num_examples // jax.process_count()):
       return None
-    decoded = self._source.read(self._split).map(self._preprocessor.decode_example, tf.data.AUTOTUNE)
+    decoded = self._source.read(self._split).map(self._transform.decode_example, tf.data.AUTOTUNE)
     return decoded.cache()
 
   def _epoch(self, epoch: int, skip_steps: int) -> tf.data.Dataset:
@@ -389,7 +389,7 @@ class TrainIterator:
     examples = examples.shuffle(self._source.config.shuffle_buffer, seed=shuffle_seed)
     examples = examples.take(self.steps_per_epoch * self._local_batch_size).enumerate()
     examples = examples.skip(skip_steps * self._local_batch_size)
-    train = self._preprocessor.train
+    train = self._transform.train
     examples = examples.map(
         lambda index, example: train(example, tf.random.experimental.stateless_fold_in(augment_seed, index)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -424,10 +424,10 @@ def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int) 
   local_batch_size = _local_batch_size(global_batch_size)
   largest_shard = -(-source.info.num_eval_examples // jax.process_count())
   num_batches = -(-largest_shard // local_batch_size)
-  preprocessor = source.preprocessor()
+  transform = source.transform()
   examples = source.read(tfds.split_for_jax_process(config.eval_split)).map(
-      lambda example: {**preprocessor.eval(example), 'mask': tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
-  examples = examples.concatenate(tf.data.Dataset.from_tensors(preprocessor.padding()).repeat())
+      lambda example: {**transform.eval(example), 'mask': tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
+  examples = examples.concatenate(tf.data.Dataset.from_tensors(transform.padding()).repeat())
   examples = examples.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
   return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
@@ -475,15 +475,15 @@ def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int, 
   shuffle_seed, augment_seed = _seeds(config.seed, _CALIBRATION_STREAM, jax.process_index())
   examples = source.read(tfds.split_for_jax_process(split, drop_remainder=True), shuffle_seed=shuffle_seed)
   examples = examples.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(num_batches * local_batch_size)
-  preprocessor = source.preprocessor()
+  transform = source.transform()
   if config.get('bn_calibration', 'exact') == 'official':  # bn_calibration.is_official (JAX-free here)
     examples = examples.enumerate().map(
-        lambda index, e: {'image': preprocessor.train({'image': e['image'], 'label': tf.constant(0)},
+        lambda index, e: {'image': transform.train({'image': e['image'], 'label': tf.constant(0)},
                                                       tf.random.experimental.stateless_fold_in(augment_seed,
                                                                                                index))['image']},
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    examples = examples.map(lambda e: {'image': preprocessor.eval_image(e['image'])},
+    examples = examples.map(lambda e: {'image': transform.eval_image(e['image'])},
                             num_parallel_calls=tf.data.AUTOTUNE)
   examples = examples.batch(local_batch_size, drop_remainder=True)
   return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
@@ -572,9 +572,9 @@ def array_iterator(config: ml_collections.ConfigDict, images: np.ndarray | list[
     shape = (None, None, images[0].shape[-1])
     examples = tf.data.Dataset.from_generator(lambda: (i.astype(dtype) for i in images[:count]),
                                               output_signature=tf.TensorSpec(shape, tf.as_dtype(dtype)))
-  preprocessor = _preprocessor(config, tuple(shape))
+  transform = _example_transform(config, tuple(shape))
   examples = examples.shard(jax.process_count(), jax.process_index()).map(
-      lambda image: {'image': preprocessor.eval_image(image)}, num_parallel_calls=tf.data.AUTOTUNE)
+      lambda image: {'image': transform.eval_image(image)}, num_parallel_calls=tf.data.AUTOTUNE)
   return examples.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from mutualnet_jax import parallel, slim
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.preprocess import Resize
+from mutualnet_jax.resizing import Resize
 
 
 @dataclasses.dataclass(frozen=True, order=True)

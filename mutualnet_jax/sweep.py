@@ -28,7 +28,7 @@ from etils import epath
 from mutualnet_jax import export, input_pipeline, latency, plots, profile, query, workdir as workdir_lib
 from mutualnet_jax.compilation import CompileCounter
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.preprocess import Resize
+from mutualnet_jax.resizing import Resize
 from mutualnet_jax.query import Row
 from mutualnet_jax.trained_run import TrainedRun, open_run, selection
 

@@ -18,7 +18,7 @@ from mutualnet_jax import (bn_calibration, checkpointing, compilation, config_ch
                            input_pipeline, parallel, workdir as workdir_lib)
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.guards import PreemptionGuard, check_finite
-from mutualnet_jax.preprocess import Resize, input_size
+from mutualnet_jax.resizing import Resize, input_size
 from mutualnet_jax.train_state import TrainState
 from mutualnet_jax.train_step import Trainer
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from mutualnet_jax import losses, parallel
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.preprocess import Resize
+from mutualnet_jax.resizing import Resize
 from mutualnet_jax.programs import Bucket, Programs
 from mutualnet_jax.sampling import Sampler, StepPlan, Subnet
 from mutualnet_jax.train_state import (TrainState, abstract_state, adjust_loss_scale, create_optimizer, init_state,

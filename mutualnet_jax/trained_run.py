@@ -23,7 +23,7 @@ from mutualnet_jax.bn_calibration import tree_digest
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
 from mutualnet_jax.models.base import SlimmableModel
-from mutualnet_jax.preprocess import Resize, input_size
+from mutualnet_jax.resizing import Resize, input_size
 from mutualnet_jax.train_state import abstract_run_state
 
 

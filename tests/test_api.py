@@ -16,7 +16,7 @@ import mutualnet_jax
 from mutualnet_jax import checkpointing, export, input_pipeline, parallel, query, workdir as wd
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.resizing import resize
 from mutualnet_jax.train_state import create_optimizer, init_state
 from tests.util import tiny_config
 

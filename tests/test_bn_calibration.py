@@ -9,7 +9,7 @@ import pytest
 
 from mutualnet_jax import bn_calibration, evaluation, parallel, slim
 from mutualnet_jax.models import get_model, init_params
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.resizing import resize
 from mutualnet_jax.compilation import CompileCounter
 from tests.util import snapshot_files, tiny_config
 

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from mutualnet_jax import api, bn_calibration, errors, export, input_pipeline, parallel, tf_export
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
-from mutualnet_jax.preprocess import Resize, resize
+from mutualnet_jax.resizing import Resize, resize
 from tests.util import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,6 @@ and `~/pets` are small folders of PNGs made here.
 Commands that need what CI lacks are dry-run (DRY_RUN says why for each): their flags and config are parsed and
 checked by main.py's own flag definitions and `config_check`, in one subprocess, nothing more.
 """
-import json
 import os
 import re
 import shlex

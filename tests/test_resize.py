@@ -1,4 +1,4 @@
-"""The on-device resize (mutualnet_jax/preprocess.py): half-pixel centres by default, and the official code's
+"""The on-device resize (mutualnet_jax/resizing.py): half-pixel centres by default, and the official code's
 align_corners=True on request, equal to PyTorch's F.interpolate."""
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.resizing import resize
 
 
 @pytest.mark.parametrize('size, out', [(28, 16), (28, 20), (28, 24), (224, 128), (16, 28)])

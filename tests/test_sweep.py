@@ -12,7 +12,7 @@ import pytest
 
 from mutualnet_jax import checkpointing, commands, export, parallel, query, sweep, train, trained_run, workdir as wd
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.preprocess import resize
+from mutualnet_jax.resizing import resize
 from tests.util import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

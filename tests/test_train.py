@@ -12,7 +12,7 @@ import pytest
 from mutualnet_jax import parallel, train, train_state, train_step
 from mutualnet_jax.compilation import CompileCounter
 from mutualnet_jax.errors import UserError
-from mutualnet_jax.preprocess import Resize, resize
+from mutualnet_jax.resizing import Resize, resize
 from mutualnet_jax.programs import Bucket
 from mutualnet_jax.sampling import StepPlan, Subnet
 from tests.util import tiny_config

@@ -1,4 +1,5 @@
-"""On-device input transforms shared by training, calibration and evaluation."""
+"""How a sub-network gets its input size: the pipeline's one square size, and the on-device resize to each
+resolution that training, BN calibration, evaluation and exports share."""
 from __future__ import annotations
 
 import dataclasses
