@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mutualnet_jax import parallel, programs, slim, workdir as workdir_lib
+from mutualnet_jax import config_fields, parallel, programs, slim, workdir as workdir_lib
 from mutualnet_jax.errors import UserError, reason
 
 STORE_DIR = 'bn_stats'
@@ -68,7 +68,7 @@ def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
 
 def is_official(config: ml_collections.ConfigDict) -> bool:
   """Whether the run recalibrates as the official code does (config.bn_calibration; 'exact' when absent)."""
-  return config.get('bn_calibration', 'exact') == 'official'
+  return config_fields.read(config, 'bn_calibration') == 'official'
 
 
 class Calibrator(programs.BucketPass):

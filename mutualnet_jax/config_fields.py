@@ -193,6 +193,11 @@ def resume_fields(policy: Resume) -> frozenset[str]:
   return frozenset(name for name, field in FIELDS.items() if field.resume is policy)
 
 
+def read(config: Mapping[str, Any], name: str) -> Any:
+  """`config[name]`, or its legacy value when the config (an older config.json) predates the field."""
+  return config[name] if name in config else FIELDS[name].legacy
+
+
 def legacy_value(name: str, otherwise: Any) -> Any:
   """What `name` meant in a config.json written before it existed; `otherwise` when it has no such meaning."""
   field = FIELDS.get(name)

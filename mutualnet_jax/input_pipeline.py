@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mutualnet_jax import datasets
+from mutualnet_jax import config_fields, datasets
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.resizing import input_size
 
@@ -476,7 +476,7 @@ def calibration_iterator(config: ml_collections.ConfigDict, *, num_images: int, 
   examples = source.read(tfds.split_for_jax_process(split, drop_remainder=True), shuffle_seed=shuffle_seed)
   examples = examples.shuffle(config.shuffle_buffer, seed=shuffle_seed).take(num_batches * local_batch_size)
   transform = source.transform()
-  if config.get('bn_calibration', 'exact') == 'official':  # bn_calibration.is_official (JAX-free here)
+  if config_fields.read(config, 'bn_calibration') == 'official':
     examples = examples.enumerate().map(
         lambda index, e: {'image': transform.train({'image': e['image'], 'label': tf.constant(0)},
                                                       tf.random.experimental.stateless_fold_in(augment_seed,

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mutualnet_jax import config_fields
+
 
 def input_size(config: ml_collections.ConfigDict) -> int:
   """The square size the host pipeline delivers: the highest resolution unless `config.image_size` asks for more.
@@ -46,7 +48,7 @@ class Resize:
 
   @classmethod
   def of(cls, config: ml_collections.ConfigDict) -> Resize:
-    return cls(bool(config.resize_antialias), bool(config.get('resize_align_corners', False)))
+    return cls(bool(config.resize_antialias), bool(config_fields.read(config, 'resize_align_corners')))
 
   def __call__(self, images: jax.Array, resolution: int) -> jax.Array:
     return resize(images, resolution, self.antialias, self.align_corners)

@@ -95,7 +95,7 @@ class TrainedRun:
     weights = {'params_digest': self.params_digest, 'checkpoint_step': self.step}
     # Settings added later enter only when they differ from the old behaviour: existing stores stay current.
     common = {'image_size': self.image_size, 'antialias': bool(c.resize_antialias),
-              **({'align_corners': True} if c.get('resize_align_corners', False) else {}),
+              **({'align_corners': True} if Resize.of(c).align_corners else {}),
               **({'calibration': 'official'} if bn_calibration.is_official(c) else {})}
     if images is not None:
       return {**weights, **images.provenance, **common}
