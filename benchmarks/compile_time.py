@@ -4,7 +4,7 @@ persistent cache, in one process.
 
   python benchmarks/compile_time.py                         # configs/default.py (the quickstart)
   python benchmarks/compile_time.py --threads=1,2 --serial=false
-  python benchmarks/compile_time.py --config.capacities=0.5,0.75,1.0 ...   (any config field: --set=field=value)
+  python benchmarks/compile_time.py --set=capacities='(1.0,)'   # any config field, a Python literal
 
 Run it under the allocator main.py uses (MUTUALNET_MALLOC as in main.py); lowering holds the GIL, XLA's compile does
 not, so threads overlap compiles but not lowerings.
