@@ -102,7 +102,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
   if local is None:
     raise UserError(f'Dataset {name!r} is not prepared in {root}: prepare it with `tfds build '
                     f'{name} --data_dir={root}` on a machine with network (or with its manual files), '
-                    'or set --config.data_dir to where it is.')
+                    'or set --config.data_dir to where it is (BN calibration and the sweep also take any images '
+                    'instead: --images=DIR, run.calibrate(images)).')
   _check_writable(root, config)
   manual_dir = local.check_raw_dir(local.raw_dir(config.manual_dir))
   download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
