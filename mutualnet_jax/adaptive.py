@@ -65,7 +65,8 @@ def held_rows(table: Sequence[Row], configurations: Sequence[Row | tuple[float, 
       chosen[_key(row.width, row.resolution)] = row
     rows = query.scored(list(chosen.values()))
   if not rows:
-    raise UserError('no configuration to hold has a top-1 accuracy (all NaN): run --mode=sweep again.')
+    raise UserError('no configuration to hold has a top-1 accuracy (NaN, or not measured: a sweep on images without '
+                    'labels): the adaptive network picks by accuracy, so sweep on a labelled eval split first.')
   return rows
 
 

@@ -1,6 +1,7 @@
 """The budget-adaptive network on a tiny untrained run with a made-up query table (choice depends only on the table,
 so it is deterministic): which configuration each budget runs, nothing compiled after construction, logits equal to
 the chosen configuration's own network, one-line errors, and --mode=predict."""
+import dataclasses
 import json
 import math
 
@@ -70,8 +71,11 @@ def test_held_rows_pick_what_the_whole_table_picks():
   assert [_key(r) for r in given] == [(0.25, 8), (1.0, 8)]  # the row without an accuracy is not held
   with pytest.raises(UserError, match=r'width 0.5 at 16 px is not in the query table.*--widths=0.5 --resolutions=16'):
     adaptive.held_rows(ROWS, [(0.5, 16)])
-  with pytest.raises(UserError, match='all NaN'):
+  with pytest.raises(UserError, match='no configuration to hold has a top-1 accuracy .*sweep on a labelled eval split'):
     adaptive.held_rows(ROWS, [(0.75, 16)])
+  unmeasured = [dataclasses.replace(r, top1=None, top5=None) for r in ROWS]  # a sweep on images without labels
+  with pytest.raises(UserError, match='not measured'):
+    adaptive.held_rows(unmeasured)
 
 
 def test_each_budget_runs_its_most_accurate_configuration(net, images):
