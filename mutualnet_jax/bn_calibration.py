@@ -16,6 +16,7 @@ recomputed, and one from another checkpoint or other settings is recomputed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any, Callable, Iterable, Mapping
 
@@ -85,8 +86,9 @@ class Calibrator(programs.BucketPass):
 
     def step(params, images, acc, count, active):
       x = self.resize(images, bucket.resolution)
-      elements: dict[tuple[str, ...], int] = {}
-      with nn.intercept_methods(_bn_elements(elements)):
+      elements: dict[tuple[str, ...], int] = {}  # read only by the official average
+      counting = nn.intercept_methods(_bn_elements(elements)) if self.official else contextlib.nullcontext()
+      with counting:
         _, state = self.model.apply({'params': params}, x, width=bucket.width, train=True, active=active,
                                     mutable=['bn_moments'])
       if self.official:
