@@ -106,7 +106,7 @@ def run_one(setting: str) -> dict:
   # XLA's per-op operand+result bytes: an upper bound on memory traffic (fusions that stay in cache count too).
   step_bytes = sum(c['bytes'] for c in hlo.values())
   return {'setting': setting, 'batch': spec['batch'], 'buckets': [f'{s.width}@{s.resolution}' for s in subnets],
-          'native_depthwise': native.depthwise_available(jax.numpy.zeros((1,), np.float32)),
+          'native_depthwise': native.available(jax.numpy.zeros((1,), np.float32)),
           'step_s': timing['median'], 'img_per_s': img_s, 'macs_per_image_all_subnets': macs, 'gflops': gflops,
           'ceiling_gflops': ceiling['gflops'], 'ceiling_frac': gflops / ceiling['gflops'],
           'bandwidth_gbs': bandwidth, 'hlo_cost_per_bucket': hlo, 'step_gbytes': step_bytes / 1e9,

@@ -104,6 +104,7 @@ FIELDS: dict[str, Field] = {
     'model.num_classes': Field(_int(1), 'an integer >= 1', '10', fingerprint=Fingerprint()),
     'model.num_downsample': Field(_int(0), 'an integer >= 0', '5', fingerprint=Fingerprint()),
     'model.conv_impl': Field(*_choice(*CONV_IMPLS), 'auto', resume=_FREE),
+    'model.fused_bn': Field(_BOOL, 'True or False', 'True', resume=_FREE, legacy=False),
     'model.dtype': Field(*_choice(*DTYPES), 'float32'),
     # Method (mutualnet_jax.sampling): what the weights were trained for.
     'method': Field(None, fingerprint=Fingerprint()),

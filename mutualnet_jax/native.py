@@ -1,4 +1,4 @@
-"""The project's own XLA:CPU kernels (csrc/depthwise.cc), registered with `jax.ffi` when the install built them.
+"""The project's own XLA:CPU kernels (csrc/depthwise.cc, csrc/batchnorm.cc), registered with `jax.ffi` when the install built them.
 
 `pip install` compiles csrc/ into the `mutualnet_jax._native` shared library (setup.py, for the machine it runs on:
 -march=native). When it is missing (no compiler, another platform) or disabled with MUTUALNET_NATIVE=0, everything
@@ -22,7 +22,8 @@ import numpy as np
 
 ENV = 'MUTUALNET_NATIVE'  # '0' disables the native kernels
 _LIBRARY = '_native'
-_TARGETS = ('MutualnetDepthwiseForward', 'MutualnetDepthwiseBackwardInput', 'MutualnetDepthwiseBackwardKernel')
+_TARGETS = ('MutualnetDepthwiseForward', 'MutualnetDepthwiseBackwardInput', 'MutualnetDepthwiseBackwardKernel',
+            'MutualnetBatchNormForward', 'MutualnetBatchNormBackward')
 
 
 def library_path() -> str | None:
@@ -62,9 +63,9 @@ def disabled() -> Iterator[None]:
     _disabled.pop()
 
 
-def depthwise_available(x: jax.Array) -> bool:
-  """Whether the native depthwise kernels can run `x` here: built, enabled, float32, one CPU device (checked at
-  trace time)."""
+def available(x: jax.Array) -> bool:
+  """Whether the native kernels can run `x` here: built, enabled, float32, one CPU device (checked at trace
+  time)."""
   return (not _disabled[-1] and x.dtype == np.float32 and jax.default_backend() == 'cpu'
           and jax.device_count() == 1 and _registered())
 
@@ -83,3 +84,23 @@ def depthwise_backward_input(g: jax.Array, kernel: jax.Array, stride: int, in_sh
 
 def depthwise_backward_kernel(x: jax.Array, g: jax.Array, stride: int, kernel_shape: tuple[int, ...]) -> jax.Array:
   return _call('MutualnetDepthwiseBackwardKernel', tuple(kernel_shape), x, g, stride=stride)
+
+
+def batch_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, active: jax.Array, relu6: bool,
+                       eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(activation(BN(x)) with channels >= active zeroed, batch mean, biased batch variance); statistics over every
+  axis but the last."""
+  c = x.shape[-1]
+  out = (jax.ShapeDtypeStruct(x.shape, np.float32),) + (jax.ShapeDtypeStruct((c,), np.float32),) * 2
+  return jax.ffi.ffi_call('MutualnetBatchNormForward', out)(x, scale, bias, active, relu6=np.int64(relu6),
+                                                            eps=np.float32(eps))
+
+
+def batch_norm_backward(dy: jax.Array, x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+                        bias: jax.Array, dmean: jax.Array, dvar: jax.Array, active: jax.Array, relu6: bool,
+                        eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Gradients (dx, dscale, dbias) of `batch_norm_forward` for the cotangents (dy, dmean, dvar)."""
+  c = x.shape[-1]
+  out = (jax.ShapeDtypeStruct(x.shape, np.float32),) + (jax.ShapeDtypeStruct((c,), np.float32),) * 2
+  return jax.ffi.ffi_call('MutualnetBatchNormBackward', out)(dy, x, mean, var, scale, bias, dmean, dvar, active,
+                                                             relu6=np.int64(relu6), eps=np.float32(eps))

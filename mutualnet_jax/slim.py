@@ -251,7 +251,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) ->
     pad = (k - 1) // 2
     return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  if native.depthwise_available(x) and kernel.dtype == x.dtype:
+  if native.available(x) and kernel.dtype == x.dtype:
     return _depthwise_native(x, kernel, stride)
   return _depthwise_shift_add(x, kernel, stride)
 
@@ -344,42 +344,81 @@ class SlimDense(nn.Module):
 
 
 class SlimBatchNorm(nn.Module):
-  """Batch norm with shared, sliced scale/bias and per-configuration statistics.
+  """Batch norm with shared, sliced scale/bias and per-configuration statistics, then the optional ReLU6 and the
+  zeroing of inactive channels (`active`, see ConvBN).
 
   train=True normalises with the statistics of the batch (split into `groups` equal groups, one per device, when
   statistics are not synchronised) and, when the 'bn_moments' collection is mutable, records the batch mean and
   variance there, which is how BN calibration reads them. train=False reads 'batch_stats' {'mean', 'var'} of exactly
   this width's channel count: statistics belong to one (width, resolution) and are passed in with the variables.
+
+  fused: in training, one native kernel for statistics + normalisation + ReLU6 + mask and one for its gradient
+  (csrc/batchnorm.cc) where it can run (float32, one group, one CPU device), instead of XLA's several small kernels
+  per layer. The same function; the statistics are summed in double in another order, so a run's numbers differ in
+  the last bits.
   """
   features: int
   groups: int = 1
   dtype: Any = jnp.float32
+  relu6: bool = False
+  fused: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, active: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (self.features,))[:c]
     bias = self.param('bias', nn.initializers.zeros, (self.features,))[:c]
+    keep_last = dict(reduce_fn=lambda _, v: v, init_fn=lambda: None)  # one value, shaped like 'batch_stats'
+    if train and self.fused and self.groups == 1 and native.available(x):
+      count = jnp.asarray(c if active is None else active, jnp.int32)
+      y, mean, var = _batch_norm_native(x, scale, bias, count, self.relu6)
+      self.sow('bn_moments', 'mean', mean, **keep_last)
+      self.sow('bn_moments', 'var', var, **keep_last)
+      return y
     if train:
       n = x.shape[0]
       if self.groups < 1 or n % self.groups:
         raise ValueError(f'{self.name}: a batch of {n} does not split into {self.groups} BN groups.')
       xg = x.reshape((self.groups, n // self.groups) + x.shape[1:])
       mean, var = _moments(xg, axes=(1, 2, 3))
-      keep_last = dict(reduce_fn=lambda _, v: v, init_fn=lambda: None)  # one value, shaped like 'batch_stats'
       self.sow('bn_moments', 'mean', mean.mean(0), **keep_last)
       self.sow('bn_moments', 'var', var.mean(0) + ((mean - mean.mean(0)) ** 2).mean(0), **keep_last)
       mul = scale * lax.rsqrt(var + BN_EPSILON)
       shift = bias - mean * mul
       y = xg * mul[:, None, None, None].astype(self.dtype) + shift[:, None, None, None].astype(self.dtype)
-      return y.reshape(x.shape)
-    mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32).value
-    var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32).value
-    if mean.shape != (c,):
-      raise ValueError(f'{self.name}: statistics for {mean.shape[0]} channels passed to a {c}-channel layer; '
-                       'use the statistics calibrated for this width.')
-    mul = scale * lax.rsqrt(var + BN_EPSILON)
-    return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
+      y = y.reshape(x.shape)
+    else:
+      mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32).value
+      var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32).value
+      if mean.shape != (c,):
+        raise ValueError(f'{self.name}: statistics for {mean.shape[0]} channels passed to a {c}-channel layer; '
+                         'use the statistics calibrated for this width.')
+      mul = scale * lax.rsqrt(var + BN_EPSILON)
+      y = x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
+    return keep_active(relu6(y) if self.relu6 else y, active)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_norm_native(x: jax.Array, scale: jax.Array, bias: jax.Array, active: jax.Array,
+                       relu6: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return native.batch_norm_forward(x, scale, bias, active, relu6, BN_EPSILON)
+
+
+def _batch_norm_native_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, active: jax.Array,
+                           relu6: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], Any]:
+  y, mean, var = native.batch_norm_forward(x, scale, bias, active, relu6, BN_EPSILON)
+  return (y, mean, var), (x, mean, var, scale, bias, active)
+
+
+def _batch_norm_native_bwd(relu6: bool, res: Any, cotangents: Any) -> tuple[Any, ...]:
+  x, mean, var, scale, bias, active = res
+  dy, dmean, dvar = cotangents
+  dx, dscale, dbias = native.batch_norm_backward(dy, x, mean, var, scale, bias, dmean, dvar, active, relu6,
+                                                 BN_EPSILON)
+  return dx, dscale, dbias, None
+
+
+_batch_norm_native.defvjp(_batch_norm_native_fwd, _batch_norm_native_bwd)
 
 
 def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -437,10 +476,11 @@ class ConvBN(nn.Module):
   conv_impl: str = 'xla'
   bn_groups: int = 1
   dtype: Any = jnp.float32
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, features: int | None, train: bool, active: jax.Array | None = None) -> jax.Array:
     x = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
                  self.dtype, name='conv')(x, features)
-    x = SlimBatchNorm(self.features, self.bn_groups, self.dtype, name='bn')(x, train)
-    return keep_active(relu6(x) if self.relu else x, active)
+    return SlimBatchNorm(self.features, self.bn_groups, self.dtype, relu6=self.relu, fused=self.fused_bn,
+                         name='bn')(x, train, active)

@@ -57,7 +57,7 @@ def _inputs(case):
 
 def native_required() -> None:
   """The native kernels must be there in CI (MUTUALNET_REQUIRE_NATIVE=1); elsewhere their tests skip."""
-  if native.depthwise_available(jnp.zeros((1,), jnp.float32)):
+  if native.available(jnp.zeros((1,), jnp.float32)):
     return
   message = f'native kernels not built ({native.library_path() or "no library"}): pip install -e . with a C++ compiler'
   if os.environ.get('MUTUALNET_REQUIRE_NATIVE') == '1':
@@ -115,6 +115,62 @@ def test_depthwise_bfloat16_gradient_dtypes():
   y, gx, gk = jax.jit(lambda x, k: _value_and_vjp(slim.depthwise_conv2d, 'cpu_fast', 2, x, k))(x, kernel)
   assert (y.dtype, gx.dtype, gk.dtype) == (jnp.bfloat16,) * 3
   assert gx.shape == x.shape and gk.shape == kernel.shape
+
+
+# (shape, active channels or None, ReLU6): 1-channel and odd channel counts, a batch of 1 pixel per channel group,
+# every channel, some and none active.
+BN_CASES = [((2, 5, 6, 16), None, True), ((3, 7, 7, 24), 10, True), ((2, 4, 4, 8), None, False),
+            ((8, 3, 3, 41), 17, False), ((4, 1, 1, 1), None, True), ((2, 2, 3, 5), 0, True)]
+
+
+def _batch_norm(fused, x, scale, bias, active, relu6, cotangents):
+  """SlimBatchNorm in training mode: (output, sown mean, sown variance) and their vjp wrt (x, scale, bias)."""
+  def fn(x, scale, bias):
+    layer = slim.SlimBatchNorm(scale.shape[0], relu6=relu6, fused=fused)
+    y, state = layer.apply({'params': {'scale': scale, 'bias': bias}}, x, True, active, mutable=['bn_moments'])
+    return y, state['bn_moments']['mean'], state['bn_moments']['var']
+  out, vjp = jax.vjp(fn, x, scale, bias)
+  return out + vjp(cotangents)
+
+
+@pytest.mark.parametrize('case', BN_CASES, ids=lambda c: f'{"x".join(map(str, c[0]))}-active{c[1]}-relu6{c[2]}')
+def test_fused_batch_norm_agrees_with_xla(case):
+  """The native fused BN + ReLU6 + mask equals XLA's BN followed by ReLU6 and keep_active: output, the statistics it
+  sows for calibration, and the gradients wrt input, scale and bias, also for cotangents on the statistics."""
+  native_required()
+  shape, active, relu6 = case
+  rng = np.random.default_rng(BN_CASES.index(case))
+  x = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5, jnp.float32)
+  scale, bias, dmean, dvar = (jnp.asarray(rng.standard_normal(shape[-1:]), jnp.float32) for _ in range(4))
+  cotangents = (jnp.asarray(rng.standard_normal(shape), jnp.float32), dmean, dvar)
+  active = None if active is None else jnp.int32(active)
+  run = jax.jit(_batch_norm, static_argnums=(0, 5))
+  got, ref = run(True, x, scale, bias, active, relu6, cotangents), run(False, x, scale, bias, active, relu6, cotangents)
+  for name, a, b in zip(('output', 'mean', 'variance', 'grad wrt input', 'grad wrt scale', 'grad wrt bias'), got, ref):
+    assert_close(a, b, what=name, floor=1e-6)
+  if active is not None:  # inactive channels: zero output, zero parameter gradients
+    assert not np.any(np.asarray(got[0])[..., int(active):])
+    assert not np.any(np.asarray(got[4])[int(active):]) and not np.any(np.asarray(got[5])[int(active):])
+
+
+def test_the_fused_batch_norm_is_what_a_cpu_fast_model_trains_with():
+  """A float32 cpu_fast model's training program calls the fused BN kernels both ways; fused_bn=False, the 'xla'
+  path and float64 do not."""
+  native_required()
+  x = jnp.zeros((2, 16, 16, 3), jnp.float32)
+
+  def text(dtype=jnp.float32, **kwargs):
+    model = MODELS['mobilenet_v1'](num_classes=10, num_downsample=3, dtype=dtype, **kwargs)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
+    grad = jax.grad(lambda p: model.apply({**variables, 'params': p}, x.astype(dtype), width=0.5, train=True).sum())
+    return jax.jit(grad).lower(variables['params']).as_text()
+
+  fused = text(conv_impl='cpu_fast')
+  assert 'MutualnetBatchNormForward' in fused and 'MutualnetBatchNormBackward' in fused
+  with jax.enable_x64(True):
+    float64 = text(jnp.float64, conv_impl='cpu_fast')
+  for unfused in (text(conv_impl='cpu_fast', fused_bn=False), text(conv_impl='xla'), float64):
+    assert 'MutualnetBatchNorm' not in unfused
 
 
 @pytest.mark.parametrize('name', ['mobilenet_v1', 'mobilenet_v2'])

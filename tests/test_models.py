@@ -235,7 +235,9 @@ def test_every_grid_width_and_several_resolutions_run_on_both_kernel_paths(name)
     outs[impl] = [np.asarray(o) for o in fn(params)]
   for a, b, w in zip(outs['cpu_fast'], outs['xla'], widths):
     assert a.shape == (2, 10) and np.isfinite(a).all(), w
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f'width {w}')
+    # float32 rounding through ~50 train-mode BN layers of a batch of 2 (the fused BN sums its statistics in double,
+    # XLA in float32): about 1e-5 of the logits' scale; the function itself is compared in float64 (test_kernels).
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=f'width {w}')
 
 
 def test_eval_mode_uses_passed_statistics_of_the_right_width():

@@ -204,6 +204,7 @@ ROUND2_COMMON = {
     'augmentation': 'small',
     'eval_every_steps': 0,
     'checkpoint_every_steps': 200,
+    'model.fused_bn': False,    # XLA's BN kernels, as every round-2 run before the fused kernel trained: one numerics
 }
 # Budgets as data: name -> (training images, epochs). 'overfit' is a subset small and a schedule long enough that the
 # independent full network over-fits (its pilot, priority 1, shows whether it does: >= 99 % top-1 on its training

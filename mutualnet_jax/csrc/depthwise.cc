@@ -6,16 +6,15 @@
 // kernel-gradient reduction alone was ~20 % of a training step. These kernels read each operand once.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using mutualnet::ParallelFor;
 
 namespace {
 
@@ -24,32 +23,6 @@ struct Geometry {
   int64_t ho, wo;         // output
   int64_t k, stride, pad;
 };
-
-// Runs body(first, last) over [0, n) in chunks on the pool; the calling thread takes chunks too, so the call never
-// waits on a pool whose threads are all busy (it finishes the remaining chunks itself).
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(n, threads * 4);
-  if (chunks <= 1) {
-    body(0, n);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, chunks, n, body]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
-      body(n * i / chunks, n * (i + 1) / chunks);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(run)(run));
-  run();
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
 
 inline void Fma(float* __restrict acc, const float* __restrict x, const float* __restrict k, int64_t c) {
 #pragma omp simd

@@ -16,8 +16,8 @@ from mutualnet_jax.errors import UserError
 FEATURE_LEVELS = (8, 16, 32)
 # Model settings that leave the backbone's parameters alone (the task, strides, kernels, precision, BN grouping): a
 # backbone trained under other values of them loads into this one (mutualnet_jax.init_from).
-NON_ARCHITECTURE_FIELDS = frozenset({'num_classes', 'num_downsample', 'conv_impl', 'bn_groups', 'dtype', 'parent',
-                                     'name'})
+NON_ARCHITECTURE_FIELDS = frozenset({'num_classes', 'num_downsample', 'conv_impl', 'fused_bn', 'bn_groups', 'dtype',
+                                     'parent', 'name'})
 
 
 class SlimmableModel(nn.Module):
@@ -29,6 +29,8 @@ class SlimmableModel(nn.Module):
 
   num_downsample: how many of the backbone's stride-2 layers keep stride 2 (the earliest ones become stride 1), so
     28-32 px inputs (Fashion-MNIST, CIFAR) keep useful spatial size; 5 is the ImageNet definition.
+  fused_bn: on the 'cpu_fast' path, training-mode BN + ReLU6 + channel mask run as one native kernel each way
+    (slim.SlimBatchNorm.fused); False keeps XLA's kernels (the numerics of runs trained before it existed).
   bn_groups: BN statistics are computed per group of the batch (one group per device = per-device BN); 1 = the
     whole global batch (synchronised BN).
   """
@@ -36,6 +38,7 @@ class SlimmableModel(nn.Module):
   max_width: float = 1.0
   num_downsample: int = 5
   conv_impl: str = 'auto'
+  fused_bn: bool = True
   bn_groups: int = 1
   dtype: Any = jnp.float32
 
@@ -136,7 +139,8 @@ class SlimmableModel(nn.Module):
   def unit(self, features: int, in_features: int | None, impl: str, **kwargs: Any) -> slim.ConvBN:
     """A ConvBN holding `in_features` -> `features` channels (counts at max width, for layers whose size is not
     make_divisible of a base, e.g. ResNet's bottleneck quarter)."""
-    return slim.ConvBN(features, in_features, conv_impl=impl, bn_groups=self.bn_groups, dtype=self.dtype, **kwargs)
+    return slim.ConvBN(features, in_features, conv_impl=impl, bn_groups=self.bn_groups, dtype=self.dtype,
+                       fused_bn=self.fused_bn and impl == 'cpu_fast', **kwargs)
 
   def classify(self, x: jax.Array, in_features: int) -> jax.Array:
     """Global average pooling + the class outputs (never slimmed), in at least float32 for the losses."""

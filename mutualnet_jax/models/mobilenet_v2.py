@@ -57,6 +57,5 @@ class MobileNetV2(SlimmableModel):
       x = self.tap(taps, i + 1, x)
       cin = c
     last = slim.make_divisible(LAST * self.max_width) if self.max_width > 1.0 else LAST
-    x = slim.ConvBN(last, self.max_channels(cin), conv_impl=impl, bn_groups=self.bn_groups, dtype=self.dtype,
-                    name='last')(x, last, train)
+    x = self.unit(last, self.max_channels(cin), impl, name='last')(x, last, train)
     return self.classify(x, last)
