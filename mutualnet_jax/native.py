@@ -1,4 +1,5 @@
-"""The project's own XLA:CPU kernels (csrc/depthwise.cc, csrc/batchnorm.cc), registered with `jax.ffi` when the install built them.
+"""The project's own XLA:CPU kernels (csrc/depthwise.cc, csrc/batchnorm.cc), registered with `jax.ffi` when the
+install built them.
 
 `pip install` compiles csrc/ into the `mutualnet_jax._native` shared library (setup.py, for the machine it runs on:
 -march=native). When it is missing (no compiler, another platform) or disabled with MUTUALNET_NATIVE=0, everything
