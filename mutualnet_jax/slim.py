@@ -350,7 +350,8 @@ class SlimBatchNorm(nn.Module):
   train=True normalises with the statistics of the batch (split into `groups` equal groups, one per device, when
   statistics are not synchronised) and, when the 'bn_moments' collection is mutable, records the batch mean and
   variance there, which is how BN calibration reads them. train=False reads 'batch_stats' {'mean', 'var'} of exactly
-  this width's channel count: statistics belong to one (width, resolution) and are passed in with the variables.
+  this width's channel count: statistics belong to one (width, resolution) and are passed in with the variables; or
+  {'mul', 'shift'}, the same map folded on the host (export.fold_batch_norm).
 
   fused: in training, one native kernel for statistics + normalisation + ReLU6 + mask and one for its gradient
   (csrc/batchnorm.cc) where it can run (float32, one group, one CPU device), instead of XLA's several small kernels
@@ -387,6 +388,9 @@ class SlimBatchNorm(nn.Module):
       shift = bias - mean * mul
       y = xg * mul[:, None, None, None].astype(self.dtype) + shift[:, None, None, None].astype(self.dtype)
       y = y.reshape(x.shape)
+    elif self.has_variable('batch_stats', 'mul'):  # folded once on the host (export.fold_batch_norm)
+      y = (x * self.get_variable('batch_stats', 'mul').astype(self.dtype)
+           + self.get_variable('batch_stats', 'shift').astype(self.dtype))
     else:
       mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32).value
       var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32).value

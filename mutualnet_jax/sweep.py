@@ -92,7 +92,7 @@ def _latencies(run: TrainedRun, stats: Any, width: float, resolution: int,
   not asked)."""
   model = export.build(run.model, run.params, stats, width, resolution, run.channels, Resize.of(run.config))
   device = jax.local_devices()[0]
-  variables = jax.device_put(model.variables, device)
+  variables = jax.device_put(export.fold_batch_norm(model.variables), device)
   predict = jax.jit(lambda v, x: export.apply_narrow(model.model, v, x, width))
   out = []
   for size in (1, run.config.eval_batch_size) if timing.batch else (1,):

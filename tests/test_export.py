@@ -81,6 +81,26 @@ def test_every_layer_of_mobilenet_v2_runs_at_its_exported_size():
   assert out.shape == (2, 10)
 
 
+def test_folded_batch_norm_is_the_same_network_with_fewer_kernels():
+  """The sweep times batch-1 latency on the export with BN folded on the host: the same logits, and no per-layer
+  kernel left that computes scale / sqrt(var + eps) at run time."""
+  model, params, stats = _setup('mobilenet_v2', 0.35, 8)
+  # Variances near 1: a well-conditioned network, where float32 rounding of the map stays rounding in the logits
+  # (with _setup's variances of ~0.005 every layer multiplies a 1-ulp difference by ~15).
+  stats = jax.tree.map(lambda layer: {'mean': layer['mean'], 'var': 0.5 + layer['var'] / layer['var'].max()}, stats,
+                       is_leaf=lambda d: isinstance(d, dict) and 'mean' in d)
+  images = np.random.RandomState(0).randn(3, 8, 8, 1).astype(np.float32)
+  exported = export.build(model, params, stats, 0.35, 8, channels=1)
+  folded = export.fold_batch_norm(exported.variables)
+  names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(folded['batch_stats'])}
+  assert names == {'mul', 'shift'}
+  forward = jax.jit(lambda v, x: export.apply_narrow(exported.model, v, x, 0.35))
+  expected = forward(exported.variables, images)
+  np.testing.assert_allclose(forward(folded, images), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+  count_rsqrt = lambda v: str(jax.make_jaxpr(forward)(v, images)).count('rsqrt')  # noqa: E731
+  assert count_rsqrt(exported.variables) > 0 and count_rsqrt(folded) == 0
+
+
 def _slices_of_parameters(fn, variables, images):
   """How many slice ops read a parameter directly in `fn`'s program."""
   closed = jax.make_jaxpr(fn)(variables, images)
