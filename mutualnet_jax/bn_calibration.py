@@ -34,16 +34,6 @@ from mutualnet_jax.errors import UserError, reason
 STORE_DIR = 'bn_stats'
 
 
-def _average(acc: Any, batch: Any, elements: Mapping[tuple[str, ...], int]) -> Any:
-  """The official code's cumulative average: per-batch means and unbiased variances (a layer's batch variance
-  times n / (n - 1), n its elements per channel, `elements` by layer path) summed with equal weight; 'mean' and
-  'm2' hold the sums, the caller divides by the number of batches."""
-  def add(path: tuple[Any, ...], a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    n = elements[tuple(k.key for k in path)]
-    return {'mean': a['mean'] + b['mean'], 'm2': a['m2'] + b['var'] * (n / (n - 1))}
-  return jax.tree_util.tree_map_with_path(add, acc, batch, is_leaf=programs.is_layer)
-
-
 def _bn_elements(record: dict[tuple[str, ...], int]) -> Callable[..., Any]:
   """A flax interceptor noting each BN layer's elements per channel (batch x height x width) by its path, at trace
   time (shapes are static: nothing is computed at run time)."""
@@ -54,17 +44,58 @@ def _bn_elements(record: dict[tuple[str, ...], int]) -> Callable[..., Any]:
   return intercept
 
 
-def _merge(acc: Any, count: jax.Array, batch: Any, batch_count: int) -> Any:
-  """Chan et al.'s merge of (mean, M2) accumulators with a batch's (mean, variance)."""
-  total = count + batch_count
+class PooledMoments:
+  """The exact statistics: running (mean, M2) per channel, merged with each batch's (mean, biased variance) by Chan
+  et al.'s formula, so the result is the mean and biased variance over all calibration images."""
+  counts_elements = False
 
-  def merge_layer(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    delta = b['mean'] - a['mean']
-    mean = a['mean'] + delta * (batch_count / total)
-    m2 = a['m2'] + b['var'] * batch_count + delta * delta * (count * batch_count / total)
-    return {'mean': mean, 'm2': m2}
+  @staticmethod
+  def zeros(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {'mean': np.zeros(shape, np.float32), 'm2': np.zeros(shape, np.float32)}
 
-  return jax.tree.map(merge_layer, acc, batch, is_leaf=programs.is_layer)
+  @staticmethod
+  def update(acc: Any, count: jax.Array, batch: Any, batch_count: int, elements: Mapping[Any, int]) -> Any:
+    del elements
+    total = count + batch_count
+
+    def merge_layer(b: Mapping[str, jax.Array], a: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+      delta = b['mean'] - a['mean']
+      mean = a['mean'] + delta * (batch_count / total)
+      m2 = a['m2'] + b['var'] * batch_count + delta * delta * (count * batch_count / total)
+      return {'mean': mean, 'm2': m2}
+
+    return jax.tree.map(merge_layer, batch, acc, is_leaf=programs.is_layer)  # by the batch's layers
+
+  @staticmethod
+  def finish(layer: Mapping[str, np.ndarray], count: int, num_batches: int) -> dict[str, np.ndarray]:
+    del num_batches
+    return {'mean': layer['mean'], 'var': layer['m2'] / np.float32(count)}
+
+
+class BatchAverage:
+  """The official code's cumulative average (PyTorch BatchNorm with momentum=None): per-batch means and unbiased
+  variances (a layer's batch variance times n / (n - 1), n its elements per channel) summed with equal weight, then
+  divided by the number of batches."""
+  counts_elements = True  # needs each layer's n: the calibration program traces with an interceptor that notes it
+
+  @staticmethod
+  def zeros(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {'mean_sum': np.zeros(shape, np.float32), 'var_sum': np.zeros(shape, np.float32)}
+
+  @staticmethod
+  def update(acc: Any, count: jax.Array, batch: Any, batch_count: int, elements: Mapping[Any, int]) -> Any:
+    del count, batch_count
+
+    def add(path: tuple[Any, ...], b: Mapping[str, jax.Array], a: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+      n = elements[tuple(k.key for k in path)]
+      return {'mean_sum': a['mean_sum'] + b['mean'], 'var_sum': a['var_sum'] + b['var'] * (n / (n - 1))}
+
+    return jax.tree_util.tree_map_with_path(add, batch, acc, is_leaf=programs.is_layer)
+
+  @staticmethod
+  def finish(layer: Mapping[str, np.ndarray], count: int, num_batches: int) -> dict[str, np.ndarray]:
+    del count
+    return {'mean': layer['mean_sum'] / np.float32(num_batches), 'var': layer['var_sum'] / np.float32(num_batches)}
 
 
 def is_official(config: ml_collections.ConfigDict) -> bool:
@@ -79,28 +110,26 @@ class Calibrator(programs.BucketPass):
 
   def __init__(self, *args: Any, official: bool = False, **kwargs: Any):
     super().__init__(*args, **kwargs)
-    self.official = official
+    self.moments = BatchAverage() if official else PooledMoments()
 
   def build(self, bucket: programs.Bucket, variant: None) -> Callable[..., Any]:
     del variant
 
     def step(params, images, acc, count, active):
       x = self.resize(images, bucket.resolution)
-      elements: dict[tuple[str, ...], int] = {}  # read only by the official average
-      counting = nn.intercept_methods(_bn_elements(elements)) if self.official else contextlib.nullcontext()
+      elements: dict[tuple[str, ...], int] = {}
+      counting = (nn.intercept_methods(_bn_elements(elements)) if self.moments.counts_elements
+                  else contextlib.nullcontext())
       with counting:
         _, state = self.model.apply({'params': params}, x, width=bucket.width, train=True, active=active,
                                     mutable=['bn_moments'])
-      if self.official:
-        return _average(acc, state['bn_moments'], elements)
-      return _merge(acc, count, state['bn_moments'], x.shape[0])
+      return self.moments.update(acc, count, state['bn_moments'], x.shape[0], elements)
     # Outputs placed like the inputs, so the second batch hits the first batch's executable.
     return jax.jit(step, donate_argnums=(2,), out_shardings=parallel.replicated_sharding(self.mesh))
 
   def _zeros(self, shapes: Any) -> Any:
     """Replicated zero accumulators with these BN shapes."""
-    zeros = lambda shape: {'mean': np.zeros(shape, np.float32), 'm2': np.zeros(shape, np.float32)}  # noqa: E731
-    return parallel.replicate(jax.tree.map(zeros, shapes, is_leaf=programs.is_shape), self.mesh)
+    return parallel.replicate(jax.tree.map(self.moments.zeros, shapes, is_leaf=programs.is_shape), self.mesh)
 
   def calibrate(self, params: Any, width: float, resolution: int, batches: Iterable[Mapping[str, Any]]) -> Any:
     """BN statistics {'layer': {'bn': {'mean', 'var'}}} (compact NumPy arrays of this width) over all `batches`,
@@ -121,11 +150,9 @@ class Calibrator(programs.BucketPass):
     if acc is None:
       raise UserError('BN calibration got no batch: the training split holds fewer images than '
                       'config.calibration_batch_size; lower it.')
-    if self.official:
-      to_stats = lambda a: {'mean': a['mean'] / np.float32(num_batches), 'var': a['m2'] / np.float32(num_batches)}  # noqa: E731
-    else:
-      to_stats = lambda a: {'mean': a['mean'], 'var': a['m2'] / np.float32(count)}  # noqa: E731
-    stats = jax.tree.map(to_stats, jax.device_get(acc), is_leaf=lambda x: isinstance(x, Mapping) and 'm2' in x)
+    stats = jax.tree.map(lambda layer: self.moments.finish(layer, count, num_batches), jax.device_get(acc),
+                         is_leaf=lambda x: isinstance(x, Mapping) and not any(isinstance(v, Mapping)
+                                                                             for v in x.values()))
     return programs.slice_stats(stats, shapes(params, width)) if bucket.masked else stats
 
 
