@@ -278,8 +278,9 @@ def fold_batch_norm(variables: Mapping[str, Any]) -> dict[str, Any]:
   compile time). The same function up to float32 rounding of the map."""
   params = flax.traverse_util.flatten_dict(jax.device_get(variables['params']))
   folded = {}
-  for path, stats in flax.traverse_util.flatten_dict(jax.device_get(variables['batch_stats']), sep=None,
-                                                     is_leaf=lambda _, v: isinstance(v, Mapping) and 'mean' in v).items():
+  layers = flax.traverse_util.flatten_dict(jax.device_get(variables['batch_stats']),
+                                          is_leaf=lambda _, v: isinstance(v, Mapping) and 'mean' in v)
+  for path, stats in layers.items():
     scale, bias = (np.asarray(params[path + (name,)], np.float32) for name in ('scale', 'bias'))
     mul = scale / np.sqrt(np.asarray(stats['var'], np.float32) + np.float32(slim.BN_EPSILON))
     folded[path] = {'mul': mul, 'shift': bias - np.asarray(stats['mean'], np.float32) * mul}

@@ -54,10 +54,10 @@ class PreemptionGuard:
 def check_finite(history: Sequence[Mapping[str, jax.Array]], first_step: int, last_saved: int,
                    workdir: str, retrying: bool = False) -> list[dict[str, float]]:
   """The divergence guard: the metrics of steps first_step+1, ... on the host (one transfer); a UserError at the
-  first step whose loss or gradient norm is not finite, after recording the divergence in config.json so that the
-  fix (an optimiser setting) may be resumed without --resume_with_changes. Nothing after `last_saved` was saved, so
-  no non-finite state ever reaches a checkpoint. `retrying`: this run resumed `last_saved` after an earlier
-  divergence and saved nothing since, so that checkpoint itself is suspect."""
+  first step whose loss, gradient norm or updated parameters' norm is not finite, after recording the divergence in
+  config.json so that the fix (an optimiser setting) may be resumed without --resume_with_changes. Nothing after
+  `last_saved` was saved, so no non-finite state ever reaches a checkpoint. `retrying`: this run resumed
+  `last_saved` after an earlier divergence and saved nothing since, so that checkpoint itself is suspect."""
   host = jax.device_get(list(history))
   for i, metrics in enumerate(host):
     bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}

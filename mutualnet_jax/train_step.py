@@ -123,14 +123,17 @@ def apply_update(tx: optax.GradientTransformation, state: TrainState,
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(total)
   if state.dynamic_scale is None:
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {'grad_norm': grad_norm}
+    # param_norm: the divergence guard reads every metric, and finite gradients can still step to non-finite
+    # parameters (which must not be saved); it is also a useful curve.
+    return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+            {'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params)})
   finite = jnp.isfinite(grad_norm)
   keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
   state = state.replace(step=state.step + 1, params=keep(params, state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         dynamic_scale=adjust_loss_scale(state.dynamic_scale, finite))
-  return state, {'grad_norm': jnp.where(finite, grad_norm, 0.0), 'skipped': (~finite).astype(jnp.float32),
-                 'loss_scale': state.dynamic_scale.scale}
+  return state, {'grad_norm': jnp.where(finite, grad_norm, 0.0), 'param_norm': optax.tree.norm(state.params),
+                 'skipped': (~finite).astype(jnp.float32), 'loss_scale': state.dynamic_scale.scale}
 
 
 class Trainer:

@@ -111,9 +111,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       float* __restrict out = yp + r * c;
 #pragma omp simd
       for (int64_t ch = 0; ch < c; ++ch) {
+        // Comparisons written so that NaN propagates, as jnp.clip does (a NaN must reach the loss: the divergence
+        // guard reads it there).
         const float z = in[ch] * mulp[ch] + shiftp[ch];
-        const float floored = z > lo ? z : lo;
-        out[ch] = floored < hi ? floored : hi;
+        const float floored = z < lo ? lo : z;
+        out[ch] = floored > hi ? hi : floored;
       }
     }
   });
