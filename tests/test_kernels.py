@@ -153,6 +153,16 @@ def test_fused_batch_norm_agrees_with_xla(case):
     assert not np.any(np.asarray(got[4])[int(active):]) and not np.any(np.asarray(got[5])[int(active):])
 
 
+def test_fused_batch_norm_propagates_nan_like_xla():
+  """A NaN input reaches the output through ReLU6 (as jnp.clip lets it): the divergence guard reads the loss."""
+  native_required()
+  x = jnp.ones((2, 3, 3, 4), jnp.float32).at[0, 0, 0, 1].set(jnp.nan)
+  ones = jnp.ones((4,), jnp.float32)
+  for fused in (True, False):
+    y = slim.SlimBatchNorm(4, relu6=True, fused=fused).apply({'params': {'scale': ones, 'bias': ones}}, x, True)
+    assert np.isnan(np.asarray(y)[..., 1]).all() and not np.isnan(np.asarray(y)[..., 0]).any(), fused
+
+
 def test_the_fused_batch_norm_is_what_a_cpu_fast_model_trains_with():
   """A float32 cpu_fast model's training program calls the fused BN kernels both ways; fused_bn=False, the 'xla'
   path and float64 do not."""
