@@ -287,7 +287,7 @@ def test_write_report_fills_the_readme_summary(tmp_path):
 def test_run_list_is_data():
   names = runs_lib.by_name()  # asserts that no two runs share a workdir
   assert len(names) == sum(len(r.runs) for r in runs_lib.ROUNDS)
-  assert not runs_lib.ROUND1.run_by_default and all(r.budget.round == 2 for r in runs_lib.select())
+  assert not runs_lib.ROUND1.run_by_default and all(r.budget.round in (2, 3) for r in runs_lib.select())
   # The pilot first: the independent full network and MutualNet, seed 0, with their test curves.
   first = runs_lib.select(max_priority=1)
   assert [(r.budget.name, r.series, r.seed, r.pilot) for r in first] == [
@@ -310,10 +310,17 @@ def test_run_list_is_data():
     assert all('--config.weight_decay_params=all' in r.overrides() for r in runs)     # the official rule
     for mutualnet in (r for r in runs if r.method == 'mutualnet'):
       assert {(0.9, 28), (0.6, 28), (0.35, 28)} <= mutualnet.sweep_configs()
-  assert max(r.priority for r in runs_lib.ROUND2.runs if r.budget.name == 'long') == max(
-      r.priority for r in runs_lib.ROUND2.runs)  # the long budget is last
-  # The whole plan fits about 8 hours of 2 cores.
-  assert sum(runs_lib.estimated_seconds(r) for r in runs_lib.select()) < 8 * 3600
+  assert {r.budget.name for r in runs_lib.select()[-2:]} == {'long'}  # the long budget is last, after round 3
+  # Round 2's plan fits about 8 hours of 2 cores.
+  assert sum(runs_lib.estimated_seconds(r) for r in runs_lib.select(rounds=[2])) < 8 * 3600
+  # Round 3: round 2's overfit comparisons (every method, 4 core seeds, the 3 other independent networks), each run
+  # under the official resize and BN recalibration, given once.
+  round3 = runs_lib.select(rounds=[3])
+  assert {(r.series, r.seed, r.width, r.resolution) for r in round3} == {
+      (r.series, r.seed, r.width, r.resolution) for r in overfit if not r.diagnostic}
+  for r in round3:
+    assert {'--config.resize_align_corners=True', '--config.bn_calibration=official'} <= set(r.overrides())
+    assert len({o.split("=")[0] for o in r.overrides()}) == len(r.overrides()) and r.name.startswith('round3/')
   assert runs_lib.ROUND1.runs[0].overrides()[:1] == ['--config.num_epochs=2']
 
 

@@ -12,7 +12,7 @@ Every subprocess uses this interpreter. OUT/timings.json records per run every a
 status, steps, commit, command) and the facts the report quotes (settings from the workdir's config.json, the
 step count from the training log, image counts from the sweep summary and the dataset's split sizes); logs go
 to OUT/logs/. Once a run is trained and swept, its results are recorded in a small committed file beside runs.py
-(archive.py: benchmarks/reproduce/round2/<budget>/<run>.json); a run with a record and no workdir under OUT finished
+(archive.py: benchmarks/reproduce/round<N>/<budget>/<run>.json); a run with a record and no workdir under OUT finished
 on another machine and is skipped. The report (report.py) reads only query tables, timings.json, those records and
 round 1's archive, so `--report_only` regenerates it without training, on any machine.
 """
@@ -287,7 +287,7 @@ def main() -> int:
   if args.list:
     total = 0.0
     for run in selected:
-      estimate = runs_lib.estimated_seconds(run) if run.budget.round == 2 else 0.0
+      estimate = runs_lib.estimated_seconds(run) if run.budget.round >= 2 else 0.0
       total += estimate
       print(f'p{run.priority} {run.budget.key:<16} ~{estimate / 60:4.0f} min (total {total / 3600:4.1f} h) {run.name}: '
             f'python main.py {run.config_arg()} {" ".join(run.overrides())}')
@@ -332,7 +332,7 @@ def main() -> int:
     invocation['seconds'] = round(time.perf_counter() - wall, 1)
     timings.save()
 
-  for run in runs_lib.ROUND2.runs:
+  for run in (r for rnd in runs_lib.RECORDED for r in rnd.runs):
     refresh_facts(run, out, timings, split_sizes)
     if archive_run(run, out, timings):
       print(f'[{now()}] {run.name}: recorded in {archive.REPRODUCTION.path_of(run.name).relative_to(REPO)}', flush=True)

@@ -210,7 +210,7 @@ ROUND2_COMMON = {
 # independent full network over-fits (its pilot, priority 1, shows whether it does: >= 99 % top-1 on its training
 # images while its test top-1 has passed its peak). 'pilot5k' is the first pilot, kept as evidence: 5k images for
 # 60 epochs did not over-fit (docs/RESULTS.md). 'long' is the full training set, optional and last.
-SCHEDULES = {'overfit': (1000, 300), 'pilot5k': (5000, 60), 'long': (60_000, 10)}
+SCHEDULES = {'overfit': (1000, 300), 'pilot5k': (5000, 60), 'long': (60_000, 10), 'overfit_official': (1000, 300)}
 WARMUP_STEPS = 47               # the same linear warm-up for every budget and method (round 1's)
 PILOT_EVALS = 30                # test evaluations during a pilot run (its curve)
 EPOCHS = {name: epochs for name, (_, epochs) in SCHEDULES.items()}
@@ -237,12 +237,12 @@ SWEEP_SECONDS = {'mutualnet': 150.0, 'usnet': 150.0, 'independent': 30.0}
 PILOT_EVAL_SECONDS = 20.0       # one in-training evaluation (quick BN recalibration + 10k test images)
 
 
-def _budget(name: str, purpose: str) -> Budget:
+def _budget(name: str, purpose: str, number: int = 2, **settings: Any) -> Budget:
   images = SCHEDULES[name][0]
   split = 'train' if images >= 60_000 else f'train[:{images}]'
-  return Budget(2, name, EPOCHS[name], {**ROUND2_COMMON, 'train_split': split,
-                                        'warmup_epochs': round(WARMUP_STEPS / STEPS_PER_EPOCH[name], 1)},
-                purpose, **ROUND2_SWEEP)
+  return Budget(number, name, EPOCHS[name], {**ROUND2_COMMON, 'train_split': split,
+                                             'warmup_epochs': round(WARMUP_STEPS / STEPS_PER_EPOCH[name], 1),
+                                             **settings}, purpose, **ROUND2_SWEEP)
 
 
 _R2_BUDGETS = (
@@ -260,12 +260,16 @@ def _r2_runs(budget: Budget) -> list[RunSpec]:
             f'independent_w{width:g}_r{resolution}' if method == 'independent' else method)
     # The subset and epochs in the folder name: changing them starts fresh workdirs instead of resuming another run.
     split = budget.settings['train_split'].replace('train[:', '').rstrip(']') or 'all'
-    return RunSpec(budget, f'round2/{budget.name}_{split}_{budget.epochs:g}ep/{stem}_s{seed}', method, seed, priority,
-               width, resolution, diagnostic=diagnostic, extra=extra)
+    return RunSpec(budget, f'round{budget.round}/{budget.name}_{split}_{budget.epochs:g}ep/{stem}_s{seed}', method,
+                   seed, priority, width, resolution, diagnostic=diagnostic, extra=extra)
 
   pilot = _pilot_eval(budget.name)
   if budget.name == 'long':
-    return [run('mutualnet', 0, 6), run('independent', 0, 6, *FULL)]
+    return [run('mutualnet', 0, 7), run('independent', 0, 7, *FULL)]
+  if budget.name == 'overfit_official':  # round 3: the overfit comparisons again, claim 4 first
+    return [*[r for seed in CORE_SEEDS for r in (run('mutualnet', seed, 6), run('independent', seed, 6, *FULL))],
+            *[run('usnet', seed, 6) for seed in CORE_SEEDS],
+            *[run('independent', seed, 6, w, r) for seed in GRID_SEEDS for w, r in OTHER_INDEPENDENT]]
   if budget.name == 'pilot5k':
     return [run('independent', 0, 1, *FULL, extra=pilot)]
   return [
@@ -298,7 +302,22 @@ ROUND2 = Round(
     run_by_default=True,
     runs=tuple(run for budget in _R2_BUDGETS for run in _r2_runs(budget)))
 
-ROUNDS = (ROUND1, ROUND2)
+# Round 3: round 2's overfit budget under the official code's resize (align_corners) and BN recalibration for every
+# method: the 'official' diagnostic of round 2 found that they change the result (docs/RESULTS.md, Recipe deviations).
+# A new series, so it takes the fused BN kernel (faster; the same function).
+OFFICIAL_RECIPE = {'resize_align_corners': True, 'bn_calibration': 'official', 'model.fused_bn': True}
+_R3_BUDGET = _budget('overfit_official', f'round 2\'s overfit budget ({SCHEDULES["overfit"][0]:,} images, '
+                     f'{EPOCHS["overfit"]} epochs) with the official resize (align_corners) and BN recalibration '
+                     'for every method', number=3, **OFFICIAL_RECIPE)
+ROUND3 = Round(
+    number=3,
+    title='Round 3: round 2\'s overfit comparisons under the official resize and BN recalibration',
+    budgets=(_R3_BUDGET,),
+    run_by_default=True,
+    runs=tuple(_r2_runs(_R3_BUDGET)))
+
+ROUNDS = (ROUND1, ROUND2, ROUND3)
+RECORDED = (ROUND3, ROUND2)  # the rounds run.py records (benchmarks/reproduce/round<N>/) and reports, latest first
 
 
 def select(rounds: Iterable[int] | None = None, budgets: Iterable[str] | None = None,
