@@ -56,17 +56,20 @@ std::vector<double> ChunkedSum(ffi::ThreadPool& pool, int64_t rows, int64_t widt
   return total;
 }
 
-// The per-channel affine map of the normalisation, y = x * mul + shift, computed as the unfused layer does (float).
-void Affine(const Layout& l, const float* mean, const float* var, const float* scale, const float* bias, float eps,
-            std::vector<float>& mul, std::vector<float>& shift) {
-  mul.resize(l.c);
-  shift.resize(l.c);
-  for (int64_t ch = 0; ch < l.c; ++ch) {
-    mul[ch] = scale[ch] * (1.0f / std::sqrt(var[ch] + eps));
-    shift[ch] = bias[ch] - mean[ch] * mul[ch];
-  }
-}
+// The per-channel affine map of the normalisation, y = x * mul + shift with mul = scale * rstd, computed as the
+// unfused layer does (float).
+struct Affine {
+  std::vector<float> rstd, mul, shift;
 
+  Affine(int64_t c, const float* mean, const float* var, const float* scale, const float* bias, float eps)
+      : rstd(c), mul(c), shift(c) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      rstd[ch] = 1.0f / std::sqrt(var[ch] + eps);
+      mul[ch] = scale[ch] * rstd[ch];
+      shift[ch] = bias[ch] - mean[ch] * mul[ch];
+    }
+  }
+};
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::F32> y,
@@ -96,13 +99,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     mp[ch] = static_cast<float>(m);
     vp[ch] = static_cast<float>(std::max(sums[c + ch] / n - m * m, 0.0));
   }
-  std::vector<float> mul, shift;
-  Affine(l, mp, vp, scale.typed_data(), bias.typed_data(), eps, mul, shift);
-  std::fill(mul.begin() + l.active, mul.end(), 0.0f);  // inactive channels: 0 (ReLU6 keeps 0)
-  std::fill(shift.begin() + l.active, shift.end(), 0.0f);
+  Affine affine(c, mp, vp, scale.typed_data(), bias.typed_data(), eps);
+  std::fill(affine.mul.begin() + l.active, affine.mul.end(), 0.0f);  // inactive channels: 0 (ReLU6 keeps 0)
+  std::fill(affine.shift.begin() + l.active, affine.shift.end(), 0.0f);
   float* yp = y->typed_data();
-  const float* mulp = mul.data();
-  const float* shiftp = shift.data();
+  const float* mulp = affine.mul.data();
+  const float* shiftp = affine.shift.data();
   const float hi = l.relu6 ? 6.0f : std::numeric_limits<float>::infinity();
   const float lo = l.relu6 ? 0.0f : -std::numeric_limits<float>::infinity();
   ParallelFor(pool, l.rows, [=](int64_t r0, int64_t r1) {
@@ -138,12 +140,10 @@ void Backward(ffi::ThreadPool& pool, const Layout& l, const float* dyp, const fl
               const float* vp, const float* scale, const float* bias, const float* dmean, const float* dvar,
               float eps, float* dxp, float* dsp, float* dbp) {
   const int64_t c = l.c, a = l.active;
-  std::vector<float> mul, shift, rstd(c);
-  Affine(l, mp, vp, scale, bias, eps, mul, shift);
-  for (int64_t ch = 0; ch < c; ++ch) rstd[ch] = 1.0f / std::sqrt(vp[ch] + eps);
-  const float* mulp = mul.data();
-  const float* shiftp = shift.data();
-  const float* rstdp = rstd.data();
+  const Affine affine(c, mp, vp, scale, bias, eps);
+  const float* mulp = affine.mul.data();
+  const float* shiftp = affine.shift.data();
+  const float* rstdp = affine.rstd.data();
   const std::vector<double> sums = ChunkedSum(pool, l.rows, 2 * a, [&](int64_t r0, int64_t r1, double* acc) {
     double* __restrict sg = acc;
     double* __restrict sgx = acc + a;
