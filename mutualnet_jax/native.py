@@ -23,6 +23,7 @@ import numpy as np
 
 ENV = 'MUTUALNET_NATIVE'  # '0' disables the native kernels
 _LIBRARY = '_native'
+DEPTHWISE_KERNEL_SIZES = (1, 3, 5, 7)  # the kernel gradient is compiled for these (csrc/depthwise.cc)
 _TARGETS = ('MutualnetDepthwiseForward', 'MutualnetDepthwiseBackwardInput', 'MutualnetDepthwiseBackwardKernel',
             'MutualnetBatchNormForward', 'MutualnetBatchNormBackward')
 

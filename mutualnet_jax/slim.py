@@ -242,16 +242,16 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) ->
   """Depthwise KxK convolution; `kernel` is (K, K, C).
 
   'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass over memory per operand,
-  where XLA's fused shift-add makes several) when the install built them and the array is float32 on one CPU device,
-  else the shift-add with a hand-written gradient. Both are `jax.custom_vjp`s: reverse mode only; forward-mode
-  `jax.jvp` is not supported.
+  where XLA's fused shift-add makes several) when the install built them, the array is float32 on one CPU device and
+  K is one they are compiled for (native.DEPTHWISE_KERNEL_SIZES), else the shift-add with a hand-written gradient.
+  Both are `jax.custom_vjp`s: reverse mode only; forward-mode `jax.jvp` is not supported.
   """
   k, _, c = kernel.shape
   if impl == 'xla':
     pad = (k - 1) // 2
     return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  if native.available(x) and kernel.dtype == x.dtype:
+  if native.available(x) and kernel.dtype == x.dtype and k in native.DEPTHWISE_KERNEL_SIZES:
     return _depthwise_native(x, kernel, stride)
   return _depthwise_shift_add(x, kernel, stride)
 

@@ -37,9 +37,11 @@ def _value_and_vjp(fn, impl, stride, x, kernel, cotangent_seed=1):
 
 
 # (depthwise, kernel, stride, channels, height, width). 7 x 10: an odd and an even spatial size in every case (padding
-# and stride-2 edges differ between them); 1-4 px inputs: every tap reads padding somewhere.
+# and stride-2 edges differ between them); 1-4 px inputs: every tap reads padding somewhere; 25 and 40 channels: the
+# kernel gradient's 16-, 8- and 1-channel register blocks; K = 9: not compiled natively (the shift-add runs).
 CASES = ([(dw, k, s, c, 7, 10) for dw, k, s, c in itertools.product((True, False), (1, 3), (1, 2), (1, 3, 8, 17))]
-         + [(True, 3, s, 4, size, size) for size in (1, 2, 3, 4) for s in (1, 2)])
+         + [(True, 3, s, 4, size, size) for size in (1, 2, 3, 4) for s in (1, 2)]
+         + [(True, 5, s, 40, 7, 10) for s in (1, 2)] + [(True, 3, 1, 25, 7, 10), (True, 9, 1, 3, 7, 10)])
 
 
 def _case_id(case):
@@ -107,6 +109,13 @@ def test_the_native_kernels_are_what_cpu_fast_runs():
   with native.disabled():
     pure = jax.jit(lambda x, k: _value_and_vjp(slim.depthwise_conv2d, 'cpu_fast', 1, x, k)).lower(x, kernel).as_text()
   assert 'Mutualnet' not in pure
+
+
+def test_native_depthwise_only_for_the_kernel_sizes_it_is_compiled_for():
+  native_required()
+  x, kernel = jnp.zeros((1, 7, 7, 3)), jnp.zeros((9, 9, 3))
+  text = jax.jit(lambda x, k: _value_and_vjp(slim.depthwise_conv2d, 'cpu_fast', 1, x, k)).lower(x, kernel).as_text()
+  assert 9 not in native.DEPTHWISE_KERNEL_SIZES and 'Mutualnet' not in text
 
 
 def test_depthwise_bfloat16_gradient_dtypes():

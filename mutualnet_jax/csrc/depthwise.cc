@@ -3,11 +3,17 @@
 // vectorised by the compiler), split over the batch on XLA's intra-op thread pool.
 //
 // XLA:CPU fuses the pure-JAX shift-add formulation (slim.py) into loops that recompute producers per tap; the
-// kernel-gradient reduction alone was ~20 % of a training step. These kernels read each operand once.
+// kernel-gradient reduction alone was ~20 % of a training step. These kernels read each operand once. The kernel
+// gradient (K in 1/3/5/7) keeps a block of 16 (then 8, then 1) channels' K x K sums in vector registers over a whole
+// image, where a sum in memory cost a load and a store per tap; its terms are added in the same order (images, then
+// pixels), so the bits are those of the one-channel-row-at-a-time loop it replaced. The same blocking measured no
+// faster for the forward pass and the input gradient (benchmarks/README.md), which keep that loop.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "parallel_for.h"
@@ -23,6 +29,21 @@ struct Geometry {
   int64_t ho, wo;         // output
   int64_t k, stride, pad;
 };
+
+template <int B>
+using Block = std::integral_constant<int, B>;
+
+// f(Block<B>(), c0) over the channel blocks [c0, c0 + B) that tile [0, c): 16 wide while they fit, then 8, then 1.
+template <typename F>
+void ForEachBlock(int64_t c, F&& f) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= c; c0 += 16) f(Block<16>(), c0);
+  if (c0 + 8 <= c) {
+    f(Block<8>(), c0);
+    c0 += 8;
+  }
+  for (; c0 < c; ++c0) f(Block<1>(), c0);
+}
 
 inline void Fma(float* __restrict acc, const float* __restrict x, const float* __restrict k, int64_t c) {
 #pragma omp simd
@@ -77,25 +98,69 @@ void BackwardInput(const Geometry& g, const float* dy, const float* k, float* dx
   }
 }
 
-// dk[i, j, :] += sum_{n, oh, ow} x[n, oh*s + i - p, ow*s + j - p, :] * dy[n, oh, ow, :] (into a private accumulator)
+// The taps [lo, hi) of one axis that read the input (not padding) for the output position `o`.
+inline void TapRange(int64_t o, const Geometry& g, int64_t size, int64_t* lo, int64_t* hi) {
+  const int64_t first = o * g.stride - g.pad;
+  *lo = std::max<int64_t>(0, -first);
+  *hi = std::min<int64_t>(g.k, size - first);
+}
+
+// dk[i, j, :] += sum_{n, oh, ow} x[n, oh*s + i - p, ow*s + j - p, :] * dy[n, oh, ow, :] (into a private accumulator);
+// a block's K x K sums stay in registers over one image.
+template <int K>
 void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* dk, int64_t n0, int64_t n1) {
   const int64_t c = g.c;
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t oh = 0; oh < g.ho; ++oh) {
-      for (int64_t ow = 0; ow < g.wo; ++ow) {
-        const float* grad = dy + ((n * g.ho + oh) * g.wo + ow) * c;
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t ih = oh * g.stride + i - g.pad;
-          if (ih < 0 || ih >= g.h) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t iw = ow * g.stride + j - g.pad;
-            if (iw < 0 || iw >= g.w) continue;
-            Fma(dk + (i * g.k + j) * c, x + ((n * g.h + ih) * g.w + iw) * c, grad, c);
+    ForEachBlock(c, [&](auto block, int64_t c0) {
+      constexpr int B = decltype(block)::value;
+      float acc[K * K][B];
+      for (int t = 0; t < K * K; ++t) {
+        for (int b = 0; b < B; ++b) acc[t][b] = dk[t * c + c0 + b];
+      }
+      for (int64_t oh = 0; oh < g.ho; ++oh) {
+        int64_t i0, i1;
+        TapRange(oh, g, g.h, &i0, &i1);
+        const int64_t ih = oh * g.stride - g.pad;
+        for (int64_t ow = 0; ow < g.wo; ++ow) {
+          int64_t j0, j1;
+          TapRange(ow, g, g.w, &j0, &j1);
+          const int64_t iw = ow * g.stride - g.pad;
+          const float* __restrict grad = dy + ((n * g.ho + oh) * g.wo + ow) * c + c0;
+#pragma GCC unroll 8
+          for (int i = 0; i < K; ++i) {
+            if (i < i0 || i >= i1) continue;
+#pragma GCC unroll 8
+            for (int j = 0; j < K; ++j) {
+              if (j < j0 || j >= j1) continue;
+              const float* __restrict xp = x + ((n * g.h + ih + i) * g.w + iw + j) * c + c0;
+#pragma omp simd
+              for (int b = 0; b < B; ++b) acc[i * K + j][b] += xp[b] * grad[b];
+            }
           }
         }
       }
-    }
+      for (int t = 0; t < K * K; ++t) {
+        for (int b = 0; b < B; ++b) dk[t * c + c0 + b] = acc[t][b];
+      }
+    });
   }
+}
+
+// f(std::integral_constant<int, K>()) for the kernel sizes compiled here; false for any other.
+template <typename F>
+bool WithKernelSize(int64_t k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>()); return true;
+    case 3: f(std::integral_constant<int, 3>()); return true;
+    case 5: f(std::integral_constant<int, 5>()); return true;
+    case 7: f(std::integral_constant<int, 7>()); return true;
+    default: return false;
+  }
+}
+
+ffi::Error UnsupportedKernel(int64_t k) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "native depthwise kernels take kernel sizes 1, 3, 5 or 7, not " + std::to_string(k));
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out, int64_t k, int64_t stride) {
@@ -132,11 +197,15 @@ ffi::Error BackwardKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
   // One accumulator per chunk (chunks are contiguous batch ranges), summed in a fixed order: deterministic.
-  ParallelFor(pool, std::max<int64_t>(chunks, 1), [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      BackwardKernel(g, xp, dyp, partial.data() + i * size, g.n * i / chunks, g.n * (i + 1) / chunks);
-    }
+  const bool known = WithKernelSize(g.k, [&](auto kernel_size) {
+    ParallelFor(pool, std::max<int64_t>(chunks, 1), [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        BackwardKernel<decltype(kernel_size)::value>(g, xp, dyp, partial.data() + i * size, g.n * i / chunks,
+                                                     g.n * (i + 1) / chunks);
+      }
+    });
   });
+  if (!known) return UnsupportedKernel(g.k);
   float* out = dk->typed_data();
   std::memset(out, 0, sizeof(float) * size);
   for (int64_t i = 0; i < std::max<int64_t>(chunks, 1); ++i) {
