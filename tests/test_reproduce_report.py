@@ -453,4 +453,16 @@ def test_the_recipe_deviations_are_decided_by_their_pair_of_runs(tmp_path):
   assert recipe.kind == 'context' and recipe.a == 'Official recipe' and len(recipe.comparisons) == 28
   report.write_report(out, docs, {'runs': {}, 'invocations': []})
   section = (docs / 'RESULTS.md').read_text().split('## Recipe deviations')[1].split('##')[0]
-  assert f'{bd.title}: **{recipe.status}** at 28 configurations' in section
+  assert f'{bd.title}: official recipe minus defaults, **{recipe.status}** at 28 configurations' in section
+
+
+def test_calibration_only_split_is_judged_against_the_recipe_pairs_noise(tmp_path):
+  path = tmp_path / report.CALIBRATION_ONLY
+  path.write_text('width,resolution,top1_exact_calibration,top1_official_calibration,delta_points\n'
+                  '0.25,16,0.80,0.799,-0.1\n1.0,28,0.82,0.835,1.5\n')
+  noise = {'0.25@16': 0.005, '1@28': 0.005}  # K sigma = 1 point
+  line = report._calibration_only(path, noise)
+  assert '-0.10 to +1.50 points' in line and 'beyond the pair\'s noise at 1' in line and line.endswith('1@28.')
+  within = report._calibration_only(path, {'0.25@16': 0.005, '1@28': 0.01})
+  assert 'beyond the pair\'s noise at 0' in within and 'the training-time `align_corners` resize is' in within
+  assert report._calibration_only(tmp_path / 'absent.csv', noise) is None
