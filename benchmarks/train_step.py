@@ -45,6 +45,8 @@ VARIANTS = {  # name: (MUTUALNET_MALLOC, extra environment)
     'thp': ('hugepages', {}),
     'pure_jax': ('tcmalloc', {'MUTUALNET_NATIVE': '0'}),
     'tcmalloc_default_release': ('tcmalloc', {'TCMALLOC_RELEASE_RATE': '1'}),  # gperftools' own release rate
+    # YNNPACK also takes the elementwise ops around the matmuls (XLA's default gives it the matmuls alone).
+    'ynn_eltwise': ('tcmalloc', {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise'}),
 }
 
 flags.DEFINE_list('settings', ['paper', 'small'], f'Which of {sorted(SETTINGS)}.')

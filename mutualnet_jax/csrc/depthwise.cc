@@ -1,13 +1,14 @@
-// Depthwise KxK convolution (NHWC, float32, symmetric padding (K-1)/2, any stride) for XLA:CPU through the XLA FFI:
-// the forward pass and both gradients, each one pass over its operands with the channel loop innermost (contiguous,
-// vectorised by the compiler), split over the batch on XLA's intra-op thread pool.
+// Depthwise KxK convolution (NHWC, float32, symmetric padding (K-1)/2, any stride, K in 1/3/5/7) for XLA:CPU through
+// the XLA FFI: the forward pass and both gradients, each one pass over its operands, split over the batch on XLA's
+// intra-op thread pool.
 //
 // XLA:CPU fuses the pure-JAX shift-add formulation (slim.py) into loops that recompute producers per tap; the
-// kernel-gradient reduction alone was ~20 % of a training step. These kernels read each operand once. The kernel
-// gradient (K in 1/3/5/7) keeps a block of 16 (then 8, then 1) channels' K x K sums in vector registers over a whole
-// image, where a sum in memory cost a load and a store per tap; its terms are added in the same order (images, then
-// pixels), so the bits are those of the one-channel-row-at-a-time loop it replaced. The same blocking measured no
-// faster for the forward pass and the input gradient (benchmarks/README.md), which keep that loop.
+// kernel-gradient reduction alone was ~20 % of a training step. These kernels read each operand once and work on
+// blocks of 16 (then 8, then 1) channels, compiled per K: a pixel whose K x K taps all read real data (the interior)
+// takes no test per tap, and keeps its block's sum (the kernel gradient: its K x K sums, over a whole image) and the
+// block's kernel vectors in registers, where a sum in memory cost a load and a store per tap. Border pixels, and the
+// input gradient at strides above 1, take a per-pixel loop over the valid taps. Every sum adds the same terms in the
+// same order on either path (taps row-major; images, then pixels, in order), so the bits do not depend on the path.
 
 #include <algorithm>
 #include <cstdint>
@@ -50,50 +51,122 @@ inline void Fma(float* __restrict acc, const float* __restrict x, const float* _
   for (int64_t i = 0; i < c; ++i) acc[i] += x[i] * k[i];
 }
 
-// y[n, oh, ow, :] = sum_{i, j} k[i, j, :] * x[n, oh*s + i - p, ow*s + j - p, :]
-void Forward(const Geometry& g, const float* x, const float* k, float* y, int64_t n0, int64_t n1) {
+// y[n, oh, ow, :] = sum_{i, j} k[i, j, :] * x[n, oh*s + i - p, ow*s + j - p, :], for one output pixel (any K; the
+// path of pixels whose taps read padding).
+void ForwardPixel(const Geometry& g, const float* x, const float* k, float* y, int64_t n, int64_t oh, int64_t ow) {
   const int64_t c = g.c;
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t oh = 0; oh < g.ho; ++oh) {
-      for (int64_t ow = 0; ow < g.wo; ++ow) {
-        float* out = y + ((n * g.ho + oh) * g.wo + ow) * c;
-        std::memset(out, 0, sizeof(float) * c);
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t ih = oh * g.stride + i - g.pad;
-          if (ih < 0 || ih >= g.h) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t iw = ow * g.stride + j - g.pad;
-            if (iw < 0 || iw >= g.w) continue;
-            Fma(out, x + ((n * g.h + ih) * g.w + iw) * c, k + (i * g.k + j) * c, c);
-          }
-        }
-      }
+  float* out = y + ((n * g.ho + oh) * g.wo + ow) * c;
+  std::memset(out, 0, sizeof(float) * c);
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t ih = oh * g.stride + i - g.pad;
+    if (ih < 0 || ih >= g.h) continue;
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t iw = ow * g.stride + j - g.pad;
+      if (iw < 0 || iw >= g.w) continue;
+      Fma(out, x + ((n * g.h + ih) * g.w + iw) * c, k + (i * g.k + j) * c, c);
     }
   }
 }
 
-// dx[n, h, w, :] = sum over taps (i, j) with (h + p - i) and (w + p - j) on the output grid of k[i, j, :] * dy[...]
+// dx[n, h, w, :] = sum over taps (i, j) with (h + p - i) and (w + p - j) on the output grid of k[i, j, :] * dy[...],
+// for one input pixel (any K and stride).
+void BackwardInputPixel(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n, int64_t h,
+                        int64_t w) {
+  const int64_t c = g.c;
+  float* out = dx + ((n * g.h + h) * g.w + w) * c;
+  std::memset(out, 0, sizeof(float) * c);
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t th = h + g.pad - i;
+    if (th < 0 || th % g.stride) continue;
+    const int64_t oh = th / g.stride;
+    if (oh >= g.ho) continue;
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t tw = w + g.pad - j;
+      if (tw < 0 || tw % g.stride) continue;
+      const int64_t ow = tw / g.stride;
+      if (ow >= g.wo) continue;
+      Fma(out, dy + ((n * g.ho + oh) * g.wo + ow) * c, k + (i * g.k + j) * c, c);
+    }
+  }
+}
+
+// `count` pixels of one row whose K x K taps all read real data: dst[q, c0:c0+B] = sum over taps t = (i, j) in
+// row-major order of src[q * step + i * row + j * col + b] * k[t, c0 + b] (`src` and `kernel` start at channel c0),
+// with the block's K x K kernel vectors and its sum held in registers. The same terms in the same order as the
+// per-pixel path: the same bits.
+template <int K, int B>
+void InteriorRow(const float* src, int64_t step, int64_t row, int64_t col, const float* kernel, int64_t c,
+                 float* dst, int64_t count) {
+  float kr[K * K][B];
+  for (int t = 0; t < K * K; ++t) {
+    for (int b = 0; b < B; ++b) kr[t][b] = kernel[t * c + b];
+  }
+  for (int64_t q = 0; q < count; ++q, src += step, dst += c) {
+    float acc[B] = {};
+#pragma GCC unroll 49
+    for (int t = 0; t < K * K; ++t) {
+      const float* __restrict tap = src + (t / K) * row + (t % K) * col;
+#pragma omp simd
+      for (int b = 0; b < B; ++b) acc[b] += tap[b] * kr[t][b];
+    }
+    for (int b = 0; b < B; ++b) dst[b] = acc[b];
+  }
+}
+
+// [first, last) of the positions along one axis whose K taps at `origin(q) = q * stride + offset` all fall in
+// [0, size); first == last when none does.
+inline void Interior(int64_t count, int64_t stride, int64_t offset, int64_t k, int64_t size, int64_t* first,
+                     int64_t* last) {
+  *first = std::min(count, offset >= 0 ? 0 : (-offset + stride - 1) / stride);
+  const int64_t top = size - k - offset;  // origin(q) <= size - k
+  *last = std::max(*first, std::min(count, top < 0 ? 0 : top / stride + 1));
+}
+
+// The forward pass over images [n0, n1): interior pixels in registers (InteriorRow), the border per pixel.
+template <int K>
+void Forward(const Geometry& g, const float* x, const float* k, float* y, int64_t n0, int64_t n1) {
+  const int64_t c = g.c;
+  int64_t oh0, oh1, ow0, ow1;
+  Interior(g.ho, g.stride, -g.pad, K, g.h, &oh0, &oh1);
+  Interior(g.wo, g.stride, -g.pad, K, g.w, &ow0, &ow1);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t oh = 0; oh < g.ho; ++oh) {
+      const bool row_inside = oh >= oh0 && oh < oh1;
+      for (int64_t ow = 0; ow < g.wo; ++ow) {
+        if (!row_inside || ow < ow0 || ow >= ow1) ForwardPixel(g, x, k, y, n, oh, ow);
+      }
+      if (!row_inside || ow1 == ow0) continue;
+      const float* src = x + ((n * g.h + oh * g.stride - g.pad) * g.w + ow0 * g.stride - g.pad) * c;
+      float* dst = y + ((n * g.ho + oh) * g.wo + ow0) * c;
+      ForEachBlock(c, [&](auto block, int64_t c0) {
+        InteriorRow<K, decltype(block)::value>(src + c0, g.stride * c, g.w * c, c, k + c0, c, dst + c0, ow1 - ow0);
+      });
+    }
+  }
+}
+
+// The input gradient over images [n0, n1). At stride 1 it is a correlation of dy with the flipped kernel: interior
+// pixels in registers, tap (i, j) at dy[h + p - i, w + p - j]; other strides (and the border) per pixel.
+template <int K>
 void BackwardInput(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n0, int64_t n1) {
   const int64_t c = g.c;
+  int64_t h0 = 0, h1 = 0, w0 = 0, w1 = 0;
+  if (g.stride == 1) {  // origin = q + p - (K - 1): the lowest output row/column a pixel's taps read
+    Interior(g.h, 1, g.pad - (K - 1), K, g.ho, &h0, &h1);
+    Interior(g.w, 1, g.pad - (K - 1), K, g.wo, &w0, &w1);
+  }
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < g.h; ++h) {
+      const bool row_inside = h >= h0 && h < h1;
       for (int64_t w = 0; w < g.w; ++w) {
-        float* out = dx + ((n * g.h + h) * g.w + w) * c;
-        std::memset(out, 0, sizeof(float) * c);
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t th = h + g.pad - i;
-          if (th < 0 || th % g.stride) continue;
-          const int64_t oh = th / g.stride;
-          if (oh >= g.ho) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t tw = w + g.pad - j;
-            if (tw < 0 || tw % g.stride) continue;
-            const int64_t ow = tw / g.stride;
-            if (ow >= g.wo) continue;
-            Fma(out, dy + ((n * g.ho + oh) * g.wo + ow) * c, k + (i * g.k + j) * c, c);
-          }
-        }
+        if (!row_inside || w < w0 || w >= w1) BackwardInputPixel(g, dy, k, dx, n, h, w);
       }
+      if (!row_inside || w1 == w0) continue;
+      const float* src = dy + ((n * g.ho + h + g.pad) * g.wo + w0 + g.pad) * c;
+      float* dst = dx + ((n * g.h + h) * g.w + w0) * c;
+      ForEachBlock(c, [&](auto block, int64_t c0) {
+        InteriorRow<K, decltype(block)::value>(src + c0, c, -g.wo * c, -c, k + c0, c, dst + c0, w1 - w0);
+      });
     }
   }
 }
@@ -126,6 +199,16 @@ void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* d
           TapRange(ow, g, g.w, &j0, &j1);
           const int64_t iw = ow * g.stride - g.pad;
           const float* __restrict grad = dy + ((n * g.ho + oh) * g.wo + ow) * c + c0;
+          if (i0 == 0 && i1 == K && j0 == 0 && j1 == K) {  // every tap reads real data: no tests per tap
+            const float* origin = x + ((n * g.h + ih) * g.w + iw) * c + c0;
+#pragma GCC unroll 49
+            for (int t = 0; t < K * K; ++t) {
+              const float* __restrict xp = origin + ((t / K) * g.w + t % K) * c;
+#pragma omp simd
+              for (int b = 0; b < B; ++b) acc[t][b] += xp[b] * grad[b];
+            }
+            continue;
+          }
 #pragma GCC unroll 8
           for (int i = 0; i < K; ++i) {
             if (i < i0 || i >= i1) continue;
@@ -173,8 +256,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
-  ParallelFor(pool, g.n, [&](int64_t a, int64_t b) { Forward(g, xp, kp, yp, a, b); });
-  return ffi::Error::Success();
+  const bool known = WithKernelSize(g.k, [&](auto size) {
+    ParallelFor(pool, g.n, [&](int64_t a, int64_t b) { Forward<decltype(size)::value>(g, xp, kp, yp, a, b); });
+  });
+  return known ? ffi::Error::Success() : UnsupportedKernel(g.k);
 }
 
 ffi::Error BackwardInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
@@ -183,8 +268,10 @@ ffi::Error BackwardInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi
   const float* dyp = dy.typed_data();
   const float* kp = kernel.typed_data();
   float* dxp = dx->typed_data();
-  ParallelFor(pool, g.n, [&](int64_t a, int64_t b) { BackwardInput(g, dyp, kp, dxp, a, b); });
-  return ffi::Error::Success();
+  const bool known = WithKernelSize(g.k, [&](auto size) {
+    ParallelFor(pool, g.n, [&](int64_t a, int64_t b) { BackwardInput<decltype(size)::value>(g, dyp, kp, dxp, a, b); });
+  });
+  return known ? ffi::Error::Success() : UnsupportedKernel(g.k);
 }
 
 ffi::Error BackwardKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
