@@ -27,7 +27,7 @@ setup(
     description="One slimmable ConvNet trained at every width and resolution (MutualNet / US-Net) in JAX/Flax.",
     packages=find_packages(include=["mutualnet_jax", "mutualnet_jax.*"]),
     ext_modules=[Extension("mutualnet_jax._native", ["mutualnet_jax/csrc/depthwise.cc", "mutualnet_jax/csrc/batchnorm.cc"],
-                           depends=["mutualnet_jax/csrc/parallel_for.h"], language="c++",
+                           depends=["mutualnet_jax/csrc/parallel_for.h", "mutualnet_jax/csrc/affine.h"], language="c++",
                            optional=True)],
     cmdclass={"build_ext": BuildNative},
     python_requires=">=3.10",

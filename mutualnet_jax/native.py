@@ -25,7 +25,7 @@ ENV = 'MUTUALNET_NATIVE'  # '0' disables the native kernels
 _LIBRARY = '_native'
 DEPTHWISE_KERNEL_SIZES = (1, 3, 5, 7)  # the kernel gradient is compiled for these (csrc/depthwise.cc)
 _TARGETS = ('MutualnetDepthwiseForward', 'MutualnetDepthwiseBackwardInput', 'MutualnetDepthwiseBackwardKernel',
-            'MutualnetBatchNormForward', 'MutualnetBatchNormBackward')
+            'MutualnetDepthwiseForwardAffine', 'MutualnetBatchNormForward', 'MutualnetBatchNormBackward')
 
 
 def library_path() -> str | None:
@@ -78,6 +78,14 @@ def _call(target: str, shape: tuple[int, ...], *operands: Any, stride: int) -> j
 
 def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
   return _call('MutualnetDepthwiseForward', (x.shape[0], *out_hw, x.shape[3]), x, kernel, stride=stride)
+
+
+def depthwise_forward_affine(x: jax.Array, kernel: jax.Array, mul: jax.Array, shift: jax.Array, stride: int,
+                             out_hw: tuple[int, int], relu6: bool) -> jax.Array:
+  """depthwise(x) * mul + shift per channel, then ReLU6 when `relu6`, in one call (inference; not differentiable)."""
+  out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), np.float32)
+  return jax.ffi.ffi_call('MutualnetDepthwiseForwardAffine', out)(x, kernel, mul, shift, stride=np.int64(stride),
+                                                                   relu6=np.int64(relu6))
 
 
 def depthwise_backward_input(g: jax.Array, kernel: jax.Array, stride: int, in_shape: tuple[int, ...]) -> jax.Array:

@@ -238,8 +238,14 @@ def _depthwise_native_bwd(stride: int, res: Any, g: jax.Array) -> tuple[jax.Arra
 _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
 
 
-def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
-  """Depthwise KxK convolution; `kernel` is (K, K, C).
+Affine = tuple[jax.Array, jax.Array, bool]  # (mul, shift, relu6): an inference BN folded on the host, and its ReLU6
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str,
+                     affine: Affine | None = None) -> jax.Array:
+  """Depthwise KxK convolution; `kernel` is (K, K, C). With `affine` (mul, shift, relu6) the output is mapped to
+  y * mul + shift per channel, then ReLU6 when asked: where the native kernels run, in the same call (no separate
+  kernel per layer in a compiled inference network), else as JAX ops after the convolution.
 
   'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass over memory per operand,
   where XLA's fused shift-add makes several) when the install built them, the array is float32 on one CPU device and
@@ -247,6 +253,14 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) ->
   Both are `jax.custom_vjp`s: reverse mode only; forward-mode `jax.jvp` is not supported.
   """
   k, _, c = kernel.shape
+  if affine is not None:
+    mul, shift, act = affine
+    if impl != 'xla' and native.available(x) and kernel.dtype == x.dtype and k in native.DEPTHWISE_KERNEL_SIZES:
+      _, ho, wo = _depthwise_geometry(x.shape, k, stride)
+      return native.depthwise_forward_affine(x, kernel, mul.astype(x.dtype), shift.astype(x.dtype), stride, (ho, wo),
+                                             act)
+    y = depthwise_conv2d(x, kernel, stride, impl) * mul.astype(x.dtype) + shift.astype(x.dtype)
+    return relu6(y) if act else y
   if impl == 'xla':
     pad = (k - 1) // 2
     return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
@@ -299,14 +313,17 @@ class SlimConv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, features: int | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, features: int | None = None, affine: Affine | None = None) -> jax.Array:
+    """`affine`: a depthwise layer's folded inference BN and ReLU6 (see depthwise_conv2d)."""
     cin = x.shape[-1]
     k = self.kernel_size
     if self.depthwise:
       kernel = self.param('kernel', host_initializer(kaiming_normal_fan_out), (k, k, self.features))
       if cin > self.features:
         raise ValueError(f'{self.name}: {cin} input channels exceed the {self.features} this layer holds.')
-      return depthwise_conv2d(x, kernel[:, :, :cin].astype(self.dtype), self.strides, self.conv_impl)
+      return depthwise_conv2d(x, kernel[:, :, :cin].astype(self.dtype), self.strides, self.conv_impl, affine)
+    if affine is not None:
+      raise ValueError(f'{self.name}: only a depthwise convolution takes its BN map (affine).')
     features = self.features if features is None else features
     kernel = self.param('kernel', host_initializer(kaiming_normal_fan_out),
                         (k, k, self.in_features or cin, self.features))
@@ -388,9 +405,8 @@ class SlimBatchNorm(nn.Module):
       shift = bias - mean * mul
       y = xg * mul[:, None, None, None].astype(self.dtype) + shift[:, None, None, None].astype(self.dtype)
       y = y.reshape(x.shape)
-    elif self.has_variable('batch_stats', 'mul'):  # folded once on the host (export.fold_batch_norm)
-      y = (x * self.get_variable('batch_stats', 'mul').astype(self.dtype)
-           + self.get_variable('batch_stats', 'shift').astype(self.dtype))
+    elif (folded := self.folded()) is not None:
+      y = x * folded[0] + folded[1]
     else:
       mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32).value
       var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32).value
@@ -400,6 +416,14 @@ class SlimBatchNorm(nn.Module):
       mul = scale * lax.rsqrt(var + BN_EPSILON)
       y = x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
     return keep_active(relu6(y) if self.relu6 else y, active)
+
+
+  def folded(self) -> tuple[jax.Array, jax.Array] | None:
+    """(mul, shift) of the inference map folded once on the host (export.fold_batch_norm), or None."""
+    if not self.has_variable('batch_stats', 'mul'):
+      return None
+    return (self.get_variable('batch_stats', 'mul').astype(self.dtype),
+            self.get_variable('batch_stats', 'shift').astype(self.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -484,7 +508,10 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, features: int | None, train: bool, active: jax.Array | None = None) -> jax.Array:
-    x = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
-                 self.dtype, name='conv')(x, features)
-    return SlimBatchNorm(self.features, self.bn_groups, self.dtype, relu6=self.relu, fused=self.fused_bn,
-                         name='bn')(x, train, active)
+    conv = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
+                    self.dtype, name='conv')
+    bn = SlimBatchNorm(self.features, self.bn_groups, self.dtype, relu6=self.relu, fused=self.fused_bn, name='bn')
+    folded = None if train or not self.depthwise else bn.folded()
+    if folded is not None:  # the depthwise kernel applies the folded BN and ReLU6 itself
+      return keep_active(conv(x, features, affine=(*folded, self.relu)), active)
+    return bn(conv(x, features), train, active)

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mutualnet_jax import api, bn_calibration, errors, export, input_pipeline, parallel, tf_export
+from mutualnet_jax import api, bn_calibration, errors, export, input_pipeline, native, parallel, tf_export
 from mutualnet_jax.errors import UserError
 from mutualnet_jax.models import get_model, init_params
 from mutualnet_jax.resizing import Resize, resize
@@ -82,8 +82,9 @@ def test_every_layer_of_mobilenet_v2_runs_at_its_exported_size():
 
 
 def test_folded_batch_norm_is_the_same_network_with_fewer_kernels():
-  """The sweep times batch-1 latency on the export with BN folded on the host: the same logits, and no per-layer
-  kernel left that computes scale / sqrt(var + eps) at run time."""
+  """The sweep times batch-1 latency on the export with BN folded on the host: the same logits (on either kernel
+  path), no per-layer kernel left that computes scale / sqrt(var + eps) at run time, and on the native path no
+  separate map after a depthwise layer."""
   model, params, stats = _setup('mobilenet_v2', 0.35, 8)
   # Variances near 1: a well-conditioned network, where float32 rounding of the map stays rounding in the logits
   # (with _setup's variances of ~0.005 every layer multiplies a 1-ulp difference by ~15).
@@ -99,6 +100,13 @@ def test_folded_batch_norm_is_the_same_network_with_fewer_kernels():
   np.testing.assert_allclose(forward(folded, images), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
   count_rsqrt = lambda v: str(jax.make_jaxpr(forward)(v, images)).count('rsqrt')  # noqa: E731
   assert count_rsqrt(exported.variables) > 0 and count_rsqrt(folded) == 0
+  # On the native path each depthwise layer's folded map and ReLU6 run inside its kernel call.
+  fast = jax.jit(lambda v, x: export.apply_narrow(exported.model.clone(conv_impl='cpu_fast'), v, x, 0.35))
+  np.testing.assert_allclose(fast(folded, images), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+  if native.available(jnp.zeros((1,), jnp.float32)):
+    layers = sum(1 for name in params if name.endswith('_dw'))
+    assert fast.lower(folded, images).as_text().count('MutualnetDepthwiseForwardAffine') == layers > 0
+    assert 'MutualnetDepthwiseForwardAffine' not in fast.lower(exported.variables, images).as_text()
 
 
 def _slices_of_parameters(fn, variables, images):

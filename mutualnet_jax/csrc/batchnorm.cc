@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "affine.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -105,21 +106,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* yp = y->typed_data();
   const float* mulp = affine.mul.data();
   const float* shiftp = affine.shift.data();
-  const float hi = l.relu6 ? 6.0f : std::numeric_limits<float>::infinity();
-  const float lo = l.relu6 ? 0.0f : -std::numeric_limits<float>::infinity();
+  const mutualnet::Clamp clamp = mutualnet::Clamp::Of(l.relu6);
   ParallelFor(pool, l.rows, [=](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* __restrict in = xp + r * c;
-      float* __restrict out = yp + r * c;
-#pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch) {
-        // Comparisons written so that NaN propagates, as jnp.clip does (a NaN must reach the loss: the divergence
-        // guard reads it there).
-        const float z = in[ch] * mulp[ch] + shiftp[ch];
-        const float floored = z < lo ? lo : z;
-        out[ch] = floored > hi ? hi : floored;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) mutualnet::AffineRow(xp + r * c, yp + r * c, c, mulp, shiftp, clamp);
   });
   return ffi::Error::Success();
 }

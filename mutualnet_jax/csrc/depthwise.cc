@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "affine.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -262,6 +263,33 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return known ? ffi::Error::Success() : UnsupportedKernel(g.k);
 }
 
+// y = act(depthwise(x) * mul + shift) per output channel: inference with BN folded on the host, ReLU6 when `relu6`.
+// The map runs on each image's output right after it is computed, while it is still in cache: one call, no second
+// pass through memory (and, in a compiled network, no separate kernel per layer to compile).
+ffi::Error ForwardAffineImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                             ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+                             int64_t stride, int64_t relu6) {
+  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), kernel.dimensions()[0], stride);
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  const float* mulp = mul.typed_data();
+  const float* shiftp = shift.typed_data();
+  float* yp = y->typed_data();
+  const mutualnet::Clamp clamp = mutualnet::Clamp::Of(relu6 != 0);
+  const int64_t pixels = g.ho * g.wo;
+  const bool known = WithKernelSize(g.k, [&](auto size) {
+    ParallelFor(pool, g.n, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) {
+        Forward<decltype(size)::value>(g, xp, kp, yp, n, n + 1);
+        for (float* row = yp + n * pixels * g.c; row < yp + (n + 1) * pixels * g.c; row += g.c) {
+          mutualnet::AffineRow(row, row, g.c, mulp, shiftp, clamp);
+        }
+      }
+    });
+  });
+  return known ? ffi::Error::Success() : UnsupportedKernel(g.k);
+}
+
 ffi::Error BackwardInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                              ffi::ResultBuffer<ffi::F32> dx, int64_t stride) {
   const Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), kernel.dimensions()[0], stride);
@@ -316,3 +344,13 @@ static auto TwoInOneOut() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseForward, ForwardImpl, TwoInOneOut());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseBackwardInput, BackwardInputImpl, TwoInOneOut());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseBackwardKernel, BackwardKernelImpl, TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseForwardAffine, ForwardAffineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("relu6"));
