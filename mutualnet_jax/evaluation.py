@@ -1,4 +1,5 @@
-"""Top-1/top-5 accuracy of one (width, resolution) with its own BN statistics, sharded over all devices."""
+"""Top-1/top-5 accuracy of one (width, resolution) with its own BN statistics (folded into each layer's inference
+map), sharded over all devices."""
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mutualnet_jax import parallel, programs
+from mutualnet_jax import parallel, programs, slim
 from mutualnet_jax.errors import UserError
 
 
@@ -31,8 +32,9 @@ class Evaluator(programs.BucketPass):
     """{'top1', 'top5', 'count'} over `batches` (process-local dicts with image, label, mask), in the program of the
     smallest capacity that holds `width` (the same predictions, one program for many widths).
 
-    `batch_stats` may be host arrays (from the store) or device arrays: both are placed replicated, so either hits
-    the same executable."""
+    `batch_stats` may be host arrays (from the store) or device arrays: both are folded on the host into each BN
+    layer's inference map (slim.fold_batch_norm: the program computes no map per layer) and placed replicated, so
+    either hits the same executable."""
     bucket, fn, active = self.program(width, resolution)
     total, variables = None, None
     for batch in batches:
@@ -40,7 +42,8 @@ class Evaluator(programs.BucketPass):
         shapes = self.bn_shapes(batch['image'].shape[-1])
         stats = (programs.pad_stats(jax.device_get(batch_stats), shapes(params, bucket.width)) if bucket.masked
                  else batch_stats)
-        variables = {'params': params, 'batch_stats': parallel.replicate(stats, self.mesh)}
+        variables = {'params': params,
+                     'batch_stats': parallel.replicate(slim.fold_batch_norm(params, stats), self.mesh)}
       batch = parallel.global_batch(batch, self.mesh)
       c = fn(variables, batch['image'], batch['label'], batch['mask'], active)
       total = c if total is None else total + c

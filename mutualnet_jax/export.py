@@ -29,7 +29,6 @@ import json
 from typing import Any, Mapping
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,19 +271,8 @@ def build(model: SlimmableModel, params: Any, stats: Any, width: float, resoluti
 
 
 def fold_batch_norm(variables: Mapping[str, Any]) -> dict[str, Any]:
-  """`variables` with every BN layer's statistics replaced by its inference map y = x * mul + shift, computed once
-  here (mul = scale / sqrt(var + eps), shift = bias - mean * mul), as deployment converters fold BN: a compiled
-  network then has no per-layer kernel computing the map (a third of a MobileNet's kernels at batch 1, and of its
-  compile time). The same function up to float32 rounding of the map."""
-  params = flax.traverse_util.flatten_dict(jax.device_get(variables['params']))
-  folded = {}
-  layers = flax.traverse_util.flatten_dict(jax.device_get(variables['batch_stats']),
-                                          is_leaf=lambda _, v: isinstance(v, Mapping) and 'mean' in v)
-  for path, stats in layers.items():
-    scale, bias = (np.asarray(params[path + (name,)], np.float32) for name in ('scale', 'bias'))
-    mul = scale / np.sqrt(np.asarray(stats['var'], np.float32) + np.float32(slim.BN_EPSILON))
-    folded[path] = {'mul': mul, 'shift': bias - np.asarray(stats['mean'], np.float32) * mul}
-  return {**variables, 'batch_stats': flax.traverse_util.unflatten_dict(folded)}
+  """`variables` with every BN layer's statistics replaced by its folded inference map (slim.fold_batch_norm)."""
+  return {**variables, 'batch_stats': slim.fold_batch_norm(variables['params'], variables['batch_stats'])}
 
 
 def is_export(path: epath.Path) -> bool:

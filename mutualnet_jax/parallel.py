@@ -65,6 +65,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
+def host_value(x: Any) -> np.ndarray:
+  """A replicated array's value on this host: every process holds all of it, also where the array spans devices of
+  other processes (where jax.device_get refuses)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(jax.device_get(x))
+
+
 def abstract(tree: Any, sharding: NamedSharding) -> Any:
   """Shape/dtype/sharding stand-ins for ahead-of-time lowering."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

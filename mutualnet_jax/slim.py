@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mutualnet_jax import native
+from mutualnet_jax import native, parallel
 from mutualnet_jax.errors import UserError
 
 CONV_IMPLS = ('xla', 'cpu_fast', 'auto')
@@ -424,6 +425,24 @@ class SlimBatchNorm(nn.Module):
       return None
     return (self.get_variable('batch_stats', 'mul').astype(self.dtype),
             self.get_variable('batch_stats', 'shift').astype(self.dtype))
+
+
+def fold_batch_norm(params: Any, stats: Any) -> Any:
+  """BN statistics (a tree shaped like 'batch_stats', layers {'mean', 'var'}) as the inference map SlimBatchNorm
+  reads instead, layers {'mul', 'shift'}: mul = scale / sqrt(var + eps), shift = bias - mean * mul, computed once
+  on the host from each layer's leading scale and bias (as many channels as its statistics: a width's, or the
+  capacity's that runs it), as deployment converters fold BN. A compiled network then computes no map per layer,
+  and a depthwise layer applies it inside its native kernel. The same function up to float32 rounding of the map."""
+  flat = flax.traverse_util.flatten_dict(params)
+  layers = flax.traverse_util.flatten_dict(stats, is_leaf=lambda _, v: isinstance(v, Mapping) and 'mean' in v)
+  folded = {}
+  for path, layer in layers.items():
+    mean, var = (parallel.host_value(layer[k]).astype(np.float32) for k in ('mean', 'var'))
+    scale, bias = (parallel.host_value(flat[path + (name,)])[:mean.shape[0]].astype(np.float32)
+                   for name in ('scale', 'bias'))
+    mul = scale / np.sqrt(var + np.float32(BN_EPSILON))
+    folded[path] = {'mul': mul, 'shift': bias - mean * mul}
+  return flax.traverse_util.unflatten_dict(folded)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
