@@ -126,6 +126,27 @@ def test_evaluation_in_a_capacitys_program_equals_exact_slicing(setup):
   assert counter.executables == 0 and capacity.programs.num_compiled == 1
 
 
+def test_folded_statistics_are_the_inference_map_of_the_leading_channels(setup):
+  """slim.fold_batch_norm reads scale/bias from a replicated (device) tree, as many leading channels as the
+  statistics hold: mul = scale / sqrt(var + eps), shift = bias - mean * mul."""
+  model, mesh, params, batches, calibrator = setup
+  stats = calibrator.calibrate(params, 0.37, 16, batches)
+  folded = slim.fold_batch_norm(parallel.replicate(params, mesh), stats)
+  layers = jax.tree_util.tree_leaves_with_path(stats, is_leaf=lambda x: isinstance(x, dict) and 'mean' in x)
+  assert layers
+  for path, layer in layers:
+    keys = [k.key for k in path]
+    node, out = params, folded
+    for k in keys:
+      node, out = node[k], out[k]
+    c = layer['mean'].shape[0]
+    mul = np.asarray(node['scale'])[:c] / np.sqrt(np.asarray(layer['var']) + slim.BN_EPSILON)
+    np.testing.assert_allclose(out['mul'], mul, rtol=1e-6, err_msg=str(keys))
+    np.testing.assert_allclose(out['shift'], np.asarray(node['bias'])[:c] - np.asarray(layer['mean']) * mul,
+                               rtol=1e-6, atol=1e-7, err_msg=str(keys))
+    assert c < np.shape(node['scale'])[0]  # the leading channels of a wider parameter
+
+
 def _assert_equal_trees(a, b):
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
