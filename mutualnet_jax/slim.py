@@ -525,10 +525,20 @@ class ConvBN(nn.Module):
   dtype: Any = jnp.float32
   fused_bn: bool = False
 
+  def conv_impl_for(self, x: jax.Array, train: bool) -> str:
+    """The image layer (a dense KxK convolution of the unslimmed input) runs XLA's own convolution in inference
+    where that measured at least as fast as cpu_fast's im2col and compiles without its ~9 kernels: a single-channel
+    image (28 px, batch 128: 1.4 vs 2.3 ms) or a single image (224 px: within noise). cpu_fast elsewhere: 3-channel
+    batches (224 px, batch 32: 43 vs 48 ms) and training (XLA's convolution gradients are slow on CPU)."""
+    image_layer = self.in_features is None and not self.depthwise and self.kernel_size > 1
+    if self.conv_impl == 'cpu_fast' and image_layer and not train and (x.shape[-1] == 1 or x.shape[0] == 1):
+      return 'xla'
+    return self.conv_impl
+
   @nn.compact
   def __call__(self, x: jax.Array, features: int | None, train: bool, active: jax.Array | None = None) -> jax.Array:
-    conv = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise, self.conv_impl,
-                    self.dtype, name='conv')
+    conv = SlimConv(self.features, self.in_features, self.kernel_size, self.strides, self.depthwise,
+                    self.conv_impl_for(x, train), self.dtype, name='conv')
     bn = SlimBatchNorm(self.features, self.bn_groups, self.dtype, relu6=self.relu, fused=self.fused_bn, name='bn')
     folded = None if train or not self.depthwise else bn.folded()
     if folded is not None:  # the depthwise kernel applies the folded BN and ReLU6 itself

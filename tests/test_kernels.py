@@ -272,3 +272,21 @@ def test_depthwise_affine_epilogue_paths_agree(case):
     assert_close(jnp.nan_to_num(y), jnp.nan_to_num(ref), what=f'{path} output')
     if act:
       assert float(jnp.nanmin(y)) >= 0.0 and float(jnp.nanmax(y)) <= 6.0
+
+
+@pytest.mark.parametrize('shape,train,expected', [((4, 8, 8, 1), False, 'xla'), ((1, 8, 8, 3), False, 'xla'),
+                                                  ((4, 8, 8, 3), False, 'cpu_fast'), ((4, 8, 8, 1), True, 'cpu_fast')])
+def test_the_image_layer_takes_xlas_convolution_only_in_inference_where_it_measured_faster(shape, train, expected):
+  """And the same outputs either way (an inference layer with statistics, so train=False runs)."""
+  layer = slim.ConvBN(16, None, kernel_size=3, conv_impl='cpu_fast')
+  assert layer.conv_impl_for(jnp.zeros(shape), train) == expected
+  assert slim.ConvBN(16, 8, kernel_size=3, conv_impl='cpu_fast').conv_impl_for(jnp.zeros(shape), train) == 'cpu_fast'
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = layer.init(jax.random.key(1), x, None, False)
+  stats = {'bn': {'mean': jnp.full((16,), 0.1), 'var': jnp.full((16,), 2.0)}}
+  run = lambda module: module.apply({**variables, 'batch_stats': stats}, x, None, train,  # noqa: E731
+                                    mutable=['bn_moments'])[0]
+  text = jax.jit(lambda v: layer.apply({**v, 'batch_stats': stats}, x, None, train, mutable=['bn_moments'])[0]).lower(
+      variables).as_text()
+  assert ('convolution' in text) == (expected == 'xla')
+  assert_close(run(layer), run(layer.clone(conv_impl='xla')), what='output')
