@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -54,17 +55,13 @@ class PooledMoments:
     return {'mean': np.zeros(shape, np.float32), 'm2': np.zeros(shape, np.float32)}
 
   @staticmethod
-  def update(acc: Any, count: jax.Array, batch: Any, batch_count: int, elements: Mapping[Any, int]) -> Any:
-    del elements
+  def update(acc: Mapping[str, jax.Array], count: jax.Array, batch: Mapping[str, jax.Array], batch_count: int,
+             unbias: jax.Array | None) -> dict[str, jax.Array]:
+    del unbias
     total = count + batch_count
-
-    def merge_layer(b: Mapping[str, jax.Array], a: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-      delta = b['mean'] - a['mean']
-      mean = a['mean'] + delta * (batch_count / total)
-      m2 = a['m2'] + b['var'] * batch_count + delta * delta * (count * batch_count / total)
-      return {'mean': mean, 'm2': m2}
-
-    return jax.tree.map(merge_layer, batch, acc, is_leaf=programs.is_layer)  # by the batch's layers
+    delta = batch['mean'] - acc['mean']
+    return {'mean': acc['mean'] + delta * (batch_count / total),
+            'm2': acc['m2'] + batch['var'] * batch_count + delta * delta * (count * batch_count / total)}
 
   @staticmethod
   def finish(layer: Mapping[str, np.ndarray], count: int, num_batches: int) -> dict[str, np.ndarray]:
@@ -83,14 +80,10 @@ class BatchAverage:
     return {'mean_sum': np.zeros(shape, np.float32), 'var_sum': np.zeros(shape, np.float32)}
 
   @staticmethod
-  def update(acc: Any, count: jax.Array, batch: Any, batch_count: int, elements: Mapping[Any, int]) -> Any:
+  def update(acc: Mapping[str, jax.Array], count: jax.Array, batch: Mapping[str, jax.Array], batch_count: int,
+             unbias: jax.Array | None) -> dict[str, jax.Array]:
     del count, batch_count
-
-    def add(path: tuple[Any, ...], b: Mapping[str, jax.Array], a: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-      n = elements[tuple(k.key for k in path)]
-      return {'mean_sum': a['mean_sum'] + b['mean'], 'var_sum': a['var_sum'] + b['var'] * (n / (n - 1))}
-
-    return jax.tree_util.tree_map_with_path(add, batch, acc, is_leaf=programs.is_layer)
+    return {'mean_sum': acc['mean_sum'] + batch['mean'], 'var_sum': acc['var_sum'] + batch['var'] * unbias}
 
   @staticmethod
   def finish(layer: Mapping[str, np.ndarray], count: int, num_batches: int) -> dict[str, np.ndarray]:
@@ -123,13 +116,20 @@ class Calibrator(programs.BucketPass):
       with counting:
         _, state = self.model.apply({'params': params}, x, width=bucket.width, train=True, active=active,
                                     mutable=['bn_moments'])
-      return self.moments.update(acc, count, state['bn_moments'], x.shape[0], elements)
+      layers = jax.tree_util.tree_flatten_with_path(state['bn_moments'], is_leaf=programs.is_layer)[0]
+      batch = {k: jnp.concatenate([layer[k] for _, layer in layers]) for k in ('mean', 'var')}
+      unbias = None  # per channel n / (n - 1), n the layer's elements per channel
+      if self.moments.counts_elements:
+        unbias = jnp.concatenate([jnp.full(layer['mean'].shape, n / (n - 1), jnp.float32) for path, layer in layers
+                                  for n in [elements[tuple(k.key for k in path)]]])
+      return self.moments.update(acc, count, batch, x.shape[0], unbias)
     # Outputs placed like the inputs, so the second batch hits the first batch's executable.
     return jax.jit(step, donate_argnums=(2,), out_shardings=parallel.replicated_sharding(self.mesh))
 
   def _zeros(self, shapes: Any) -> Any:
-    """Replicated zero accumulators with these BN shapes."""
-    return parallel.replicate(jax.tree.map(self.moments.zeros, shapes, is_leaf=programs.is_shape), self.mesh)
+    """Replicated zero accumulators with these BN shapes, every layer's channels in one vector per quantity."""
+    total = (sum(shape[0] for shape in jax.tree.leaves(shapes, is_leaf=programs.is_shape)),)
+    return parallel.replicate(self.moments.zeros(total), self.mesh)
 
   def calibrate(self, params: Any, width: float, resolution: int, batches: Iterable[Mapping[str, Any]]) -> Any:
     """BN statistics {'layer': {'bn': {'mean', 'var'}}} (compact NumPy arrays of this width) over all `batches`,
@@ -150,10 +150,22 @@ class Calibrator(programs.BucketPass):
     if acc is None:
       raise UserError('BN calibration got no batch: the training split holds fewer images than '
                       'config.calibration_batch_size; lower it.')
-    stats = jax.tree.map(lambda layer: self.moments.finish(layer, count, num_batches), jax.device_get(acc),
-                         is_leaf=lambda x: isinstance(x, Mapping) and not any(isinstance(v, Mapping)
-                                                                             for v in x.values()))
+    stats = jax.tree.map(lambda layer: self.moments.finish(layer, count, num_batches),
+                         _split(jax.device_get(acc), shapes(params, bucket.width)), is_leaf=_is_accumulator)
     return programs.slice_stats(stats, shapes(params, width)) if bucket.masked else stats
+
+
+def _is_accumulator(x: Any) -> bool:
+  return isinstance(x, Mapping) and not any(isinstance(v, Mapping) for v in x.values())
+
+
+def _split(flat: Mapping[str, Any], shapes: Any) -> Any:
+  """Per-layer accumulators (a tree shaped like `shapes`, a BNShapes tree) cut from the flat vectors they are carried
+  in: one vector per quantity, every layer's channels in tree order. Carried flat, a calibration program updates all
+  layers in one fused kernel instead of one small kernel per layer and quantity."""
+  sizes, treedef = jax.tree.flatten(shapes, is_leaf=programs.is_shape)
+  offsets = np.cumsum([0] + [shape[0] for shape in sizes])
+  return jax.tree.unflatten(treedef, [{k: v[a:b] for k, v in flat.items()} for a, b in zip(offsets, offsets[1:])])
 
 
 def tree_digest(tree: Any) -> str:
