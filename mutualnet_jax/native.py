@@ -80,12 +80,13 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int, out_hw: tupl
   return _call('MutualnetDepthwiseForward', (x.shape[0], *out_hw, x.shape[3]), x, kernel, stride=stride)
 
 
-def depthwise_forward_affine(x: jax.Array, kernel: jax.Array, mul: jax.Array, shift: jax.Array, stride: int,
-                             out_hw: tuple[int, int], relu6: bool) -> jax.Array:
-  """depthwise(x) * mul + shift per channel, then ReLU6 when `relu6`, in one call (inference; not differentiable)."""
+def depthwise_forward_affine(x: jax.Array, kernel: jax.Array, mul: jax.Array, shift: jax.Array, active: jax.Array,
+                             stride: int, out_hw: tuple[int, int], relu6: bool) -> jax.Array:
+  """depthwise(x) * mul + shift per channel, then ReLU6 when `relu6`, channels from `active` (an int32 count) on
+  zero, in one call (inference; not differentiable)."""
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), np.float32)
-  return jax.ffi.ffi_call('MutualnetDepthwiseForwardAffine', out)(x, kernel, mul, shift, stride=np.int64(stride),
-                                                                   relu6=np.int64(relu6))
+  return jax.ffi.ffi_call('MutualnetDepthwiseForwardAffine', out)(x, kernel, mul, shift, active,
+                                                                   stride=np.int64(stride), relu6=np.int64(relu6))
 
 
 def depthwise_backward_input(g: jax.Array, kernel: jax.Array, stride: int, in_shape: tuple[int, ...]) -> jax.Array:

@@ -239,14 +239,17 @@ def _depthwise_native_bwd(stride: int, res: Any, g: jax.Array) -> tuple[jax.Arra
 _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
 
 
-Affine = tuple[jax.Array, jax.Array, bool]  # (mul, shift, relu6): an inference BN folded on the host, and its ReLU6
+# (mul, shift, relu6, active): an inference BN folded on the host, its ReLU6, and the run-time channel count (None:
+# every channel; see keep_active).
+Affine = tuple[jax.Array, jax.Array, bool, 'jax.Array | None']
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str,
                      affine: Affine | None = None) -> jax.Array:
-  """Depthwise KxK convolution; `kernel` is (K, K, C). With `affine` (mul, shift, relu6) the output is mapped to
-  y * mul + shift per channel, then ReLU6 when asked: where the native kernels run, in the same call (no separate
-  kernel per layer in a compiled inference network), else as JAX ops after the convolution.
+  """Depthwise KxK convolution; `kernel` is (K, K, C). With `affine` (mul, shift, relu6, active) the output is mapped
+  to y * mul + shift per channel, then ReLU6 when asked, and channels from `active` on zeroed: where the native
+  kernels run, in the same call (no separate kernel per layer in a compiled inference network), else as JAX ops
+  after the convolution.
 
   'cpu_fast' runs the project's native kernels (csrc/depthwise.cc through jax.ffi: one pass over memory per operand,
   where XLA's fused shift-add makes several) when the install built them, the array is float32 on one CPU device and
@@ -255,13 +258,14 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str,
   """
   k, _, c = kernel.shape
   if affine is not None:
-    mul, shift, act = affine
+    mul, shift, act, active = affine
     if impl != 'xla' and native.available(x) and kernel.dtype == x.dtype and k in native.DEPTHWISE_KERNEL_SIZES:
       _, ho, wo = _depthwise_geometry(x.shape, k, stride)
-      return native.depthwise_forward_affine(x, kernel, mul.astype(x.dtype), shift.astype(x.dtype), stride, (ho, wo),
-                                             act)
+      count = jnp.asarray(c if active is None else active, jnp.int32)
+      return native.depthwise_forward_affine(x, kernel, mul.astype(x.dtype), shift.astype(x.dtype), count, stride,
+                                             (ho, wo), act)
     y = depthwise_conv2d(x, kernel, stride, impl) * mul.astype(x.dtype) + shift.astype(x.dtype)
-    return relu6(y) if act else y
+    return keep_active(relu6(y) if act else y, active)
   if impl == 'xla':
     pad = (k - 1) // 2
     return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
@@ -541,6 +545,6 @@ class ConvBN(nn.Module):
                     self.conv_impl_for(x, train), self.dtype, name='conv')
     bn = SlimBatchNorm(self.features, self.bn_groups, self.dtype, relu6=self.relu, fused=self.fused_bn, name='bn')
     folded = None if train or not self.depthwise else bn.folded()
-    if folded is not None:  # the depthwise kernel applies the folded BN and ReLU6 itself
-      return keep_active(conv(x, features, affine=(*folded, self.relu)), active)
+    if folded is not None:  # the depthwise kernel applies the folded BN, ReLU6 and the channel count itself
+      return conv(x, features, affine=(*folded, self.relu, active))
     return bn(conv(x, features), train, active)

@@ -243,32 +243,36 @@ def test_models_agree_between_paths(name):
     assert_close(got, ref, 1e-7, jax.tree_util.keystr(path), floor=floor)
 
 
-# (kernel, stride, channels, ReLU6): the folded-BN epilogue of an inference depthwise layer.
-AFFINE_CASES = [(3, 1, 17, True), (3, 2, 40, True), (3, 1, 8, False), (9, 1, 3, True)]
+# (kernel, stride, channels, ReLU6, active channels): the folded-BN epilogue of an inference depthwise layer.
+AFFINE_CASES = [(3, 1, 17, True, None), (3, 2, 40, True, 21), (3, 1, 8, False, 0), (9, 1, 3, True, 2)]
 
 
-@pytest.mark.parametrize('case', AFFINE_CASES, ids=lambda c: f'k{c[0]}-s{c[1]}-c{c[2]}-relu6{c[3]}')
+@pytest.mark.parametrize('case', AFFINE_CASES, ids=lambda c: f'k{c[0]}-s{c[1]}-c{c[2]}-relu6{c[3]}-active{c[4]}')
 def test_depthwise_affine_epilogue_paths_agree(case):
-  """depthwise(x) * mul + shift (+ ReLU6): the native call (one kernel) = the same ops in JAX after the convolution
-  = XLA's convolution then the map; a NaN in the input still reaches the output."""
-  k, s, c, act = case
+  """depthwise(x) * mul + shift (+ ReLU6), channels from `active` zeroed: the native call (one kernel) = the same
+  ops in JAX after the convolution = XLA's convolution then the map; a NaN in the input still reaches the output."""
+  k, s, c, act, active = case
   rng = np.random.default_rng(c)
   x = jnp.asarray(rng.standard_normal((2, 7, 10, c)) * 3, jnp.float32).at[1, 3, 4, 0].set(jnp.nan)
   kernel, mul, shift = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((k, k, c), (c,), (c,)))
-  run = lambda impl: jax.jit(lambda *a: slim.depthwise_conv2d(*a[:2], s, impl, (a[2], a[3], act)))(  # noqa: E731
+  count = None if active is None else jnp.int32(active)
+  run = lambda impl: jax.jit(lambda *a: slim.depthwise_conv2d(*a[:2], s, impl, (a[2], a[3], act, count)))(  # noqa: E731
       x, kernel, mul, shift)
   ref = run('xla')
   got = {'native': run('cpu_fast')}
   with native.disabled():
     got['pure'] = run('cpu_fast')
-  text = jax.jit(lambda *a: slim.depthwise_conv2d(*a[:2], s, 'cpu_fast', (a[2], a[3], act))).lower(
+  text = jax.jit(lambda *a: slim.depthwise_conv2d(*a[:2], s, 'cpu_fast', (a[2], a[3], act, count))).lower(
       x, kernel, mul, shift).as_text()
   if k in native.DEPTHWISE_KERNEL_SIZES and native.available(x):
     assert 'MutualnetDepthwiseForwardAffine' in text
   else:
     assert 'Mutualnet' not in text
+  ref = slim.keep_active(ref, count)
   for path, y in got.items():
     assert bool(jnp.isnan(y).any()) and bool((jnp.isnan(y) == jnp.isnan(ref)).all()), path
+    if active is not None:  # zero, or NaN where it was (0 * NaN, as keep_active's mask multiply gives)
+      assert not bool(jnp.any(jnp.nan_to_num(y[..., active:]))), path
     assert_close(jnp.nan_to_num(y), jnp.nan_to_num(ref), what=f'{path} output')
     if act:
       assert float(jnp.nanmin(y)) >= 0.0 and float(jnp.nanmax(y)) <= 6.0

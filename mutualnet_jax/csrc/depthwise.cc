@@ -263,17 +263,24 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return known ? ffi::Error::Success() : UnsupportedKernel(g.k);
 }
 
-// y = act(depthwise(x) * mul + shift) per output channel: inference with BN folded on the host, ReLU6 when `relu6`.
+// y = act(depthwise(x) * mul + shift) per output channel: inference with BN folded on the host, ReLU6 when `relu6`,
+// zero from channel `active` on.
 // The map runs on each image's output right after it is computed, while it is still in cache: one call, no second
 // pass through memory (and, in a compiled network, no separate kernel per layer to compile).
 ffi::Error ForwardAffineImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                             ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
-                             int64_t stride, int64_t relu6) {
+                             ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::S32> active,
+                             ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t relu6) {
   const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), kernel.dimensions()[0], stride);
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
-  const float* mulp = mul.typed_data();
-  const float* shiftp = shift.typed_data();
+  // Channels at and beyond `active` (a capacity program's run-time width) output zero, as keep_active does.
+  const int64_t used = std::clamp<int64_t>(active.typed_data()[0], 0, g.c);
+  std::vector<float> mul_used(mul.typed_data(), mul.typed_data() + used), shift_used(shift.typed_data(),
+                                                                                     shift.typed_data() + used);
+  mul_used.resize(g.c, 0.0f);
+  shift_used.resize(g.c, 0.0f);
+  const float* mulp = mul_used.data();
+  const float* shiftp = shift_used.data();
   float* yp = y->typed_data();
   const mutualnet::Clamp clamp = mutualnet::Clamp::Of(relu6 != 0);
   const int64_t pixels = g.ho * g.wo;
@@ -351,6 +358,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MutualnetDepthwiseForwardAffine, ForwardAffineImpl
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("relu6"));
