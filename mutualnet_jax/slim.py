@@ -373,7 +373,7 @@ class SlimBatchNorm(nn.Module):
   statistics are not synchronised) and, when the 'bn_moments' collection is mutable, records the batch mean and
   variance there, which is how BN calibration reads them. train=False reads 'batch_stats' {'mean', 'var'} of exactly
   this width's channel count: statistics belong to one (width, resolution) and are passed in with the variables; or
-  {'mul', 'shift'}, the same map folded on the host (export.fold_batch_norm).
+  {'mul', 'shift'}, the same map folded on the host (fold_batch_norm).
 
   fused: in training, one native kernel for statistics + normalisation + ReLU6 + mask and one for its gradient
   (csrc/batchnorm.cc) where it can run (float32, one group, one CPU device), instead of XLA's several small kernels
@@ -422,9 +422,8 @@ class SlimBatchNorm(nn.Module):
       y = x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
     return keep_active(relu6(y) if self.relu6 else y, active)
 
-
   def folded(self) -> tuple[jax.Array, jax.Array] | None:
-    """(mul, shift) of the inference map folded once on the host (export.fold_batch_norm), or None."""
+    """(mul, shift) of the inference map folded once on the host (fold_batch_norm), or None."""
     if not self.has_variable('batch_stats', 'mul'):
       return None
     return (self.get_variable('batch_stats', 'mul').astype(self.dtype),
