@@ -1,18 +1,20 @@
 """The small setting's kernels one by one: the native depthwise kernels (forward, input and kernel gradient) and the
 pointwise matmuls (forward, weight gradient x.T @ dy, input gradient dy @ w.T) at the shapes MobileNet v1 runs at
-28 px, batch 128.
+28 px, batch 128; and the image layer's forward pass (3x3 -> 32 channels, + ReLU6) through cpu_fast's im2col and
+through XLA's convolution, the measurement behind slim.ConvBN.conv_impl_for.
 
 What a kernel change is measured with: the median ms of each kernel, their sums, and a SHA-256 of every depthwise
 output, which must not change when a change claims the same bits. To compare two builds of csrc/, run this once with
 each (interleaved, median of 3: the machines are noisy). Needs the native kernels (`pip install -e .`).
 
-  python benchmarks/kernels.py              # ~20 s on 2 cores
+  python benchmarks/kernels.py              # ~40 s on 2 cores
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import sys
+import time
 
 if __package__ in (None, ''):  # `python benchmarks/kernels.py` from the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,12 +25,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from mutualnet_jax import native  # noqa: E402
+from mutualnet_jax import native, slim  # noqa: E402
 
 # (batch, height, width, channels, stride): the depthwise layers of the teacher (1.0 @ 28) and two students'.
 DEPTHWISE = ((128, 28, 28, 32, 1), (128, 28, 28, 64, 2), (128, 14, 14, 128, 1), (128, 14, 14, 128, 2),
              (128, 7, 7, 256, 1), (128, 7, 7, 256, 2), (128, 4, 4, 512, 1), (128, 20, 20, 24, 1),
              (128, 10, 10, 40, 1))
+# (batch, size, channels, stride): the image layer of the Fashion-MNIST and the ImageNet model.
+IMAGE_LAYER = ((1, 28, 1, 1), (128, 28, 1, 1), (500, 28, 1, 1), (1, 224, 3, 2), (32, 224, 3, 2), (250, 224, 3, 2))
 # (rows = batch x pixels, in channels, out channels): pointwise layers of the teacher.
 POINTWISE = ((128 * 16, 512, 512), (128 * 49, 256, 256), (128 * 196, 128, 128), (128 * 784, 32, 64))
 
@@ -75,12 +79,29 @@ def pointwise_rows() -> list[dict]:
   return rows
 
 
+def image_layer_rows() -> list[dict]:
+  rows = []
+  for n, size, c, s in IMAGE_LAYER:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, size, size, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, c, 32)), jnp.float32)
+    row = {'shape': f'{n}x{size}x{size}x{c} s{s}'}
+    for impl in ('cpu_fast', 'xla'):
+      fn = jax.jit(lambda x, k, impl=impl: slim.relu6(slim.conv2d(x, k, s, impl)))
+      start = time.perf_counter()
+      fn.lower(x, k).compile()
+      row[impl + '_compile_s'] = time.perf_counter() - start
+      row[impl] = _ms(fn, x, k)
+    rows.append(row)
+  return rows
+
+
 def main(argv):
   del argv
   if not native.available(jnp.zeros((1,), jnp.float32)):
     sys.exit('native kernels not built: pip install -e . with a C++ compiler')
   digest = hashlib.sha256()
-  dw, pw = depthwise_rows(digest), pointwise_rows()
+  dw, pw, image = depthwise_rows(digest), pointwise_rows(), image_layer_rows()
   totals = {k: sum(r[k] for r in dw) for k in ('forward', 'input_grad', 'kernel_grad')}
   print(common.format_table(dw + [{'shape': 'sum', **totals}], [
       ('shape', 'depthwise', 's'), ('forward', 'forward ms', '.2f'), ('input_grad', 'input grad ms', '.2f'),
@@ -89,9 +110,13 @@ def main(argv):
   print(common.format_table(pw, [('shape', 'pointwise M x K x N', 's')] + [
       (f'{k}{suffix}', f'{k.replace("_", " ")} {unit}', spec) for k in ('forward', 'weight_grad', 'input_grad')
       for suffix, unit, spec in (('', 'ms', '.2f'), ('_gflops', 'GFLOP/s', '.0f'))]))
+  print()
+  print(common.format_table(image, [('shape', 'image layer', 's'), ('cpu_fast', 'im2col ms', '.3f'),
+                                    ('xla', 'XLA conv ms', '.3f'), ('cpu_fast_compile_s', 'im2col compile s', '.2f'),
+                                    ('xla_compile_s', 'XLA conv compile s', '.2f')]))
   print('wrote', common.write_result('kernels', {'depthwise': dw, 'depthwise_totals_ms': totals,
-                                                  'depthwise_sha256': digest.hexdigest(), 'pointwise': pw},
-                                     FLAGS.out))
+                                                  'depthwise_sha256': digest.hexdigest(), 'pointwise': pw,
+                                                  'image_layer': image}, FLAGS.out))
 
 
 if __name__ == '__main__':

@@ -529,12 +529,12 @@ class ConvBN(nn.Module):
   fused_bn: bool = False
 
   def conv_impl_for(self, x: jax.Array, train: bool) -> str:
-    """The image layer (a dense KxK convolution of the unslimmed input) runs XLA's own convolution in inference
-    where that measured at least as fast as cpu_fast's im2col and compiles without its ~9 kernels: a single-channel
-    image (28 px, batch 128: 1.4 vs 2.3 ms) or a single image (224 px: within noise). cpu_fast elsewhere: 3-channel
-    batches (224 px, batch 32: 43 vs 48 ms) and training (XLA's convolution gradients are slow on CPU)."""
+    """The image layer (a dense KxK convolution of the unslimmed input) of a single-channel image runs XLA's own
+    convolution in inference, where it measured faster than cpu_fast's im2col and compiles without its ~9 kernels.
+    cpu_fast elsewhere: 3-channel images, where im2col measured faster at every batch, and training (XLA's
+    convolution gradients are slow on CPU). `python benchmarks/kernels.py` measures both (benchmarks/README.md)."""
     image_layer = self.in_features is None and not self.depthwise and self.kernel_size > 1
-    if self.conv_impl == 'cpu_fast' and image_layer and not train and (x.shape[-1] == 1 or x.shape[0] == 1):
+    if self.conv_impl == 'cpu_fast' and image_layer and not train and x.shape[-1] == 1:
       return 'xla'
     return self.conv_impl
 

@@ -278,7 +278,7 @@ def test_depthwise_affine_epilogue_paths_agree(case):
       assert float(jnp.nanmin(y)) >= 0.0 and float(jnp.nanmax(y)) <= 6.0
 
 
-@pytest.mark.parametrize('shape,train,expected', [((4, 8, 8, 1), False, 'xla'), ((1, 8, 8, 3), False, 'xla'),
+@pytest.mark.parametrize('shape,train,expected', [((4, 8, 8, 1), False, 'xla'), ((1, 8, 8, 3), False, 'cpu_fast'),
                                                   ((4, 8, 8, 3), False, 'cpu_fast'), ((4, 8, 8, 1), True, 'cpu_fast')])
 def test_the_image_layer_takes_xlas_convolution_only_in_inference_where_it_measured_faster(shape, train, expected):
   """And the same outputs either way (an inference layer with statistics, so train=False runs)."""
