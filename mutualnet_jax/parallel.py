@@ -65,12 +65,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
-def host_value(x: Any) -> np.ndarray:
-  """A replicated array's value on this host: every process holds all of it, also where the array spans devices of
-  other processes (where jax.device_get refuses)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_shards[0].data)
-  return np.asarray(jax.device_get(x))
+def host_values(tree: Any) -> Any:
+  """Every leaf of a tree of replicated arrays as its value on this host, fetched in one round (every copy is started
+  before any is waited on, not one blocking transfer per leaf). Every process holds all of a replicated array, also
+  where it spans devices of other processes (where jax.device_get refuses): such a leaf is read from a local shard."""
+  local = jax.tree.map(lambda x: x.addressable_shards[0].data
+                       if isinstance(x, jax.Array) and not x.is_fully_addressable else x, tree)
+  return jax.tree.map(np.asarray, jax.device_get(local))
 
 
 def abstract(tree: Any, sharding: NamedSharding) -> Any:

@@ -438,11 +438,11 @@ def fold_batch_norm(params: Any, stats: Any) -> Any:
   and a depthwise layer applies it inside its native kernel. The same function up to float32 rounding of the map."""
   flat = flax.traverse_util.flatten_dict(params)
   layers = flax.traverse_util.flatten_dict(stats, is_leaf=lambda _, v: isinstance(v, Mapping) and 'mean' in v)
+  needed = {path: (layer['mean'], layer['var'], flat[path + ('scale',)], flat[path + ('bias',)])
+            for path, layer in layers.items()}
   folded = {}
-  for path, layer in layers.items():
-    mean, var = (parallel.host_value(layer[k]).astype(np.float32) for k in ('mean', 'var'))
-    scale, bias = (parallel.host_value(flat[path + (name,)])[:mean.shape[0]].astype(np.float32)
-                   for name in ('scale', 'bias'))
+  for path, values in parallel.host_values(needed).items():
+    mean, var, scale, bias = (v[:values[0].shape[0]].astype(np.float32) for v in values)
     mul = scale / np.sqrt(var + np.float32(BN_EPSILON))
     folded[path] = {'mul': mul, 'shift': bias - mean * mul}
   return flax.traverse_util.unflatten_dict(folded)
