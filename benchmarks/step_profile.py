@@ -1,6 +1,11 @@
 """Where a MutualNet step spends its time: each sub-network program traced with the JAX profiler, the XLA:CPU
 thunks attributed to layer types (stem, depthwise, pointwise, BN, classifier, resize, loss) and direction
-(forward / backward), plus the optimizer update and the host time between programs.
+(forward / backward), plus the optimizer update and the host time between programs, and per pointwise layer of the
+teacher its backward matmuls against its forward one.
+
+XLA:CPU runs a `dot` it hands to Eigen asynchronously: its trace event ends when the work is queued, and the work
+runs under the events that follow (in a backward pass, the input-gradient matmul of the same layer). One
+instruction's time is then not its cost; a layer's backward sum is (two matmuls of the forward's size: ~2x).
 
   python benchmarks/step_profile.py                      # both settings (benchmarks/step_settings.py)
   python benchmarks/step_profile.py --settings=small --top=20
@@ -35,6 +40,7 @@ FLAGS = flags.FLAGS
 
 _LAYER = re.compile(r'(stem|block\d+_dw|block\d+_pw|classifier)(?:/(conv|bn))?')
 _LAYER_NAMES = {'stem': 'stem', 'dw': 'depthwise', 'pw': 'pointwise', 'classifier': 'classifier'}
+_POINTWISE_MATMUL = re.compile(r'(block\d+)_pw/conv/')
 
 
 def _instruction_names(compiled) -> dict[str, str]:
@@ -60,6 +66,18 @@ def classify(op_name: str) -> tuple[str, str]:
     if word in op_name:
       return kind, direction
   return 'other', direction
+
+
+def pointwise_matmuls(per_call: collections.Counter, names: dict[str, str]) -> list[dict]:
+  """Per pointwise layer: forward and backward matmul ms (every instruction of its conv, by direction) and their
+  ratio, which is ~2 where the backward matmuls (input and weight gradient) run at the forward's rate."""
+  layers = collections.defaultdict(lambda: {'fwd': 0.0, 'bwd': 0.0})
+  for instruction, ms in per_call.items():
+    m = _POINTWISE_MATMUL.search(names.get(instruction, ''))
+    if m:
+      layers[m.group(1)][classify(names[instruction])[1]] += ms
+  return [{'layer': layer, 'fwd_ms': t['fwd'], 'bwd_ms': t['bwd'], 'bwd_over_fwd': t['bwd'] / max(t['fwd'], 1e-9)}
+          for layer, t in sorted(layers.items(), key=lambda kv: int(kv[0][5:]))]
 
 
 def _trace(fn, calls: list[tuple], logdir: str) -> collections.Counter:
@@ -91,7 +109,7 @@ def profile_setting(setting: str) -> dict:
     return holder['state'].params
   step_ms = common.time_call(step, repeats=5, warmup=2)['median'] * 1e3
   params = holder['state'].params
-  by_layer, top, programs = collections.Counter(), [], []
+  by_layer, top, programs, teacher_pointwise = collections.Counter(), [], [], []
   grads, teacher_logits = None, None
   for i, subnet in enumerate((plan.teacher, *plan.students)):
     compiled = trainer.steps.programs(trainer.sampler.bucket(subnet), i == 0)
@@ -112,6 +130,8 @@ def profile_setting(setting: str) -> dict:
     jax.block_until_ready(traced)
     per_call = _trace(compiled, traced, tempfile.mkdtemp(prefix='step_profile_'))
     names = _instruction_names(compiled)
+    if i == 0:
+      teacher_pointwise = pointwise_matmuls(per_call, names)
     for instruction, ms in per_call.items():
       by_layer[classify(names.get(instruction, ''))] += ms
       top.append((ms, f'{subnet.width:g}@{subnet.resolution}', instruction, names.get(instruction, '')[-80:]))
@@ -129,6 +149,7 @@ def profile_setting(setting: str) -> dict:
           'update_ms': update_ms, 'host_gap_ms': step_ms - sum(p['wall_ms'] for p in programs) - update_ms,
           'by_layer': [{'layer': layer, 'direction': d, 'ms': ms, 'share': ms / thunk_total}
                        for (layer, d), ms in by_layer.most_common()],
+          'teacher_pointwise': teacher_pointwise,
           'top': [{'ms': ms, 'program': prog, 'instruction': inst, 'op_name': name}
                   for ms, prog, inst, name in sorted(top, reverse=True)[:FLAGS.top]]}
 
@@ -146,12 +167,15 @@ def main(argv):
     r = profile_setting(setting)
     results.append(r)
     print(f"\n{setting}: step {r['step_ms']:.1f} ms ({r['img_per_s']:.1f} img/s); optimizer update "
-          f"{r['update_ms']:.1f} ms; step minus its programs run one by one {r['host_gap_ms']:.1f} ms (host time between "
-          'programs; negative when asynchronous dispatch overlaps them)')
+          f"{r['update_ms']:.1f} ms; step minus its programs run one by one {r['host_gap_ms']:.1f} ms (host time "
+          'between programs; negative when asynchronous dispatch overlaps them)')
     print(common.format_table(r['programs'], [('program', 'program', 's'), ('wall_ms', 'wall ms', '.1f'),
                                               ('thunk_ms', 'XLA thunks ms', '.1f')]))
     print(common.format_table(r['by_layer'], [('layer', 'layer type', 's'), ('direction', 'pass', 's'),
                                               ('ms', 'ms per step', '.1f'), ('share', 'share', '.0%')]))
+    print(common.format_table(r['teacher_pointwise'], [
+        ('layer', 'teacher layer', 's'), ('fwd_ms', 'pointwise fwd ms', '.2f'), ('bwd_ms', 'bwd ms', '.2f'),
+        ('bwd_over_fwd', 'bwd / fwd', '.2f')]))
     print(common.format_table(r['top'], [('ms', 'ms', '.2f'), ('program', 'program', 's'),
                                          ('instruction', 'instruction', 's'), ('op_name', 'from', 's')]))
   print('wrote', common.write_result('step_profile', {'settings': results}, FLAGS.out))
