@@ -1,7 +1,10 @@
 """The small setting's kernels one by one: the native depthwise kernels (forward, input and kernel gradient) and the
 pointwise matmuls (forward, weight gradient x.T @ dy, input gradient dy @ w.T) at the shapes MobileNet v1 runs at
-28 px, batch 128; and the image layer's forward pass (3x3 -> 32 channels, + ReLU6) through cpu_fast's im2col and
-through XLA's convolution, the measurement behind slim.ConvBN.conv_impl_for.
+28 px, batch 128; the native training BN + ReLU6 (forward, backward) against the memory passes it cannot avoid, run
+as XLA kernels on the same tensors (forward: a reduction and an elementwise map; backward: a two-input reduction
+and a two-input map), which says how far BN is from its memory bound; and the image layer's forward pass (3x3 -> 32
+channels, + ReLU6) through cpu_fast's im2col and through XLA's convolution, the measurement behind
+slim.ConvBN.conv_impl_for.
 
 What a kernel change is measured with: the median ms of each kernel, their sums, and a SHA-256 of every depthwise
 output, which must not change when a change claims the same bits. To compare two builds of csrc/, run this once with
@@ -33,6 +36,8 @@ DEPTHWISE = ((128, 28, 28, 32, 1), (128, 28, 28, 64, 2), (128, 14, 14, 128, 1), 
              (128, 10, 10, 40, 1))
 # (batch, size, channels, stride): the image layer of the Fashion-MNIST and the ImageNet model.
 IMAGE_LAYER = ((1, 28, 1, 1), (128, 28, 1, 1), (500, 28, 1, 1), (1, 224, 3, 2), (32, 224, 3, 2), (250, 224, 3, 2))
+# (batch, height, width, channels): the BN layers of the teacher.
+BATCH_NORM = ((128, 28, 28, 32), (128, 28, 28, 64), (128, 14, 14, 128), (128, 7, 7, 256), (128, 4, 4, 512))
 # (rows = batch x pixels, in channels, out channels): pointwise layers of the teacher.
 POINTWISE = ((128 * 16, 512, 512), (128 * 49, 256, 256), (128 * 196, 128, 128), (128 * 784, 32, 64))
 
@@ -79,6 +84,28 @@ def pointwise_rows() -> list[dict]:
   return rows
 
 
+def batch_norm_rows() -> list[dict]:
+  rows = []
+  for shape in BATCH_NORM:
+    c = shape[-1]
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    scale, bias, zero, active = jnp.ones(c), jnp.zeros(c), jnp.zeros(c), jnp.int32(c)
+    _, mean, var = native.batch_norm_forward(x, scale, bias, active, True, slim.BN_EPSILON)
+    axes = (0, 1, 2)
+    row = {'shape': 'x'.join(map(str, shape)),
+           'forward': _ms(jax.jit(lambda x: native.batch_norm_forward(x, scale, bias, active, True, slim.BN_EPSILON)),
+                          x),
+           'backward': _ms(jax.jit(lambda dy, x: native.batch_norm_backward(
+               dy, x, mean, var, scale, bias, zero, zero, active, True, slim.BN_EPSILON)), dy, x),
+           'forward_bound': (_ms(jax.jit(lambda x: x.sum(axes)), x)
+                             + _ms(jax.jit(lambda x: jnp.clip(x * 1.5 + 0.1, 0.0, 6.0)), x)),
+           'backward_bound': (_ms(jax.jit(lambda x, dy: (x * dy).sum(axes)), x, dy)
+                              + _ms(jax.jit(lambda x, dy: x * 1.5 + dy), x, dy))}
+    rows.append(row)
+  return rows
+
+
 def image_layer_rows() -> list[dict]:
   rows = []
   for n, size, c, s in IMAGE_LAYER:
@@ -101,7 +128,7 @@ def main(argv):
   if not native.available(jnp.zeros((1,), jnp.float32)):
     sys.exit('native kernels not built: pip install -e . with a C++ compiler')
   digest = hashlib.sha256()
-  dw, pw, image = depthwise_rows(digest), pointwise_rows(), image_layer_rows()
+  dw, pw, bn, image = depthwise_rows(digest), pointwise_rows(), batch_norm_rows(), image_layer_rows()
   totals = {k: sum(r[k] for r in dw) for k in ('forward', 'input_grad', 'kernel_grad')}
   print(common.format_table(dw + [{'shape': 'sum', **totals}], [
       ('shape', 'depthwise', 's'), ('forward', 'forward ms', '.2f'), ('input_grad', 'input grad ms', '.2f'),
@@ -111,12 +138,16 @@ def main(argv):
       (f'{k}{suffix}', f'{k.replace("_", " ")} {unit}', spec) for k in ('forward', 'weight_grad', 'input_grad')
       for suffix, unit, spec in (('', 'ms', '.2f'), ('_gflops', 'GFLOP/s', '.0f'))]))
   print()
+  print(common.format_table(bn, [('shape', 'BN + ReLU6', 's'), ('forward', 'forward ms', '.3f'),
+                                 ('forward_bound', 'XLA reduce + map ms', '.3f'), ('backward', 'backward ms', '.3f'),
+                                 ('backward_bound', 'XLA 2-input reduce + map ms', '.3f')]))
+  print()
   print(common.format_table(image, [('shape', 'image layer', 's'), ('cpu_fast', 'im2col ms', '.3f'),
                                     ('xla', 'XLA conv ms', '.3f'), ('cpu_fast_compile_s', 'im2col compile s', '.2f'),
                                     ('xla_compile_s', 'XLA conv compile s', '.2f')]))
   print('wrote', common.write_result('kernels', {'depthwise': dw, 'depthwise_totals_ms': totals,
                                                   'depthwise_sha256': digest.hexdigest(), 'pointwise': pw,
-                                                  'image_layer': image}, FLAGS.out))
+                                                  'batch_norm': bn, 'image_layer': image}, FLAGS.out))
 
 
 if __name__ == '__main__':
