@@ -1,7 +1,8 @@
 """Where a MutualNet step spends its time: each sub-network program traced with the JAX profiler, the XLA:CPU
 thunks attributed to layer types (stem, depthwise, pointwise, BN, classifier, resize, loss) and direction
 (forward / backward), plus the optimizer update and the host time between programs, and per pointwise layer of the
-teacher its backward matmuls against its forward one.
+teacher its backward matmuls against its forward one. Per program, the process's CPU time over wall x cores says
+whether the cores sit idle between kernels (waiting threads spin, so busy is an upper bound).
 
 XLA:CPU runs a `dot` it hands to Eigen asynchronously: its trace event ends when the work is queued, and the work
 runs under the events that follow (in a backward pass, the input-gradient matmul of the same layer). One
@@ -122,10 +123,12 @@ def profile_setting(setting: str) -> dict:
     teacher_logits = logits if i == 0 else teacher_logits
     timed = calls(FLAGS.repeats)
     jax.block_until_ready(timed)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), os.times()
     for args in timed:
       jax.block_until_ready(compiled(*args))
-    wall_ms = (time.perf_counter() - t0) / FLAGS.repeats * 1e3
+    wall, cpu1 = time.perf_counter() - t0, os.times()
+    wall_ms = wall / FLAGS.repeats * 1e3
+    busy = (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / (wall * (os.cpu_count() or 1))
     traced = calls(FLAGS.repeats)
     jax.block_until_ready(traced)
     per_call = _trace(compiled, traced, tempfile.mkdtemp(prefix='step_profile_'))
@@ -136,7 +139,7 @@ def profile_setting(setting: str) -> dict:
       by_layer[classify(names.get(instruction, ''))] += ms
       top.append((ms, f'{subnet.width:g}@{subnet.resolution}', instruction, names.get(instruction, '')[-80:]))
     programs.append({'program': f'{subnet.width:g}@{subnet.resolution} {subnet.loss}', 'wall_ms': wall_ms,
-                     'thunk_ms': sum(per_call.values())})
+                     'thunk_ms': sum(per_call.values()), 'cpu_busy': busy})
     grads = out_grads
 
   def update():
@@ -170,7 +173,8 @@ def main(argv):
           f"{r['update_ms']:.1f} ms; step minus its programs run one by one {r['host_gap_ms']:.1f} ms (host time "
           'between programs; negative when asynchronous dispatch overlaps them)')
     print(common.format_table(r['programs'], [('program', 'program', 's'), ('wall_ms', 'wall ms', '.1f'),
-                                              ('thunk_ms', 'XLA thunks ms', '.1f')]))
+                                              ('thunk_ms', 'XLA thunks ms', '.1f'),
+                                              ('cpu_busy', 'CPU time / (wall x cores)', '.0%')]))
     print(common.format_table(r['by_layer'], [('layer', 'layer type', 's'), ('direction', 'pass', 's'),
                                               ('ms', 'ms per step', '.1f'), ('share', 'share', '.0%')]))
     print(common.format_table(r['teacher_pointwise'], [
