@@ -142,7 +142,7 @@ def _matmul_nhwc(x: jax.Array, w: jax.Array) -> jax.Array:
 
   Flattening first matters for the backward pass: the kernel gradient is then a plain (P, Cin)^T (P, Cout) dot, which
   XLA:CPU runs without moving data, where the 4-D form made it materialise a transposed copy of the incoming
-  gradient with the whole BN/ReLU backward fused into it, read in a cache-hostile order (~60 % of a training step).
+  gradient with the whole BN/ReLU backward fused into it, read in a cache-hostile order.
   """
   n, h, wd, c = x.shape
   return jnp.dot(x.reshape(n * h * wd, c), w).reshape(n, h, wd, w.shape[-1])

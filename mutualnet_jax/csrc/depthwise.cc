@@ -2,13 +2,14 @@
 // the XLA FFI: the forward pass and both gradients, each one pass over its operands, split over the batch on XLA's
 // intra-op thread pool.
 //
-// XLA:CPU fuses the pure-JAX shift-add formulation (slim.py) into loops that recompute producers per tap; the
-// kernel-gradient reduction alone was ~20 % of a training step. These kernels read each operand once and work on
-// blocks of 16 (then 8, then 1) channels, compiled per K: a pixel whose K x K taps all read real data (the interior)
-// takes no test per tap, and keeps its block's sum (the kernel gradient: its K x K sums, over a whole image) and the
-// block's kernel vectors in registers, where a sum in memory cost a load and a store per tap. Border pixels, and the
-// input gradient at strides above 1, take a per-pixel loop over the valid taps. Every sum adds the same terms in the
-// same order on either path (taps row-major; images, then pixels, in order), so the bits do not depend on the path.
+// XLA:CPU fuses the pure-JAX shift-add formulation (slim.py) into loops that recompute producers per tap, the
+// kernel-gradient reduction worst of all (README.md, Benchmarks: the step with and without these kernels). These
+// kernels read each operand once and work on blocks of 16 (then 8, then 1) channels, compiled per K: a pixel whose
+// K x K taps all read real data (the interior) takes no test per tap, and keeps its block's sum (the kernel gradient:
+// its K x K sums, over a whole image) and the block's kernel vectors in registers, where a sum in memory cost a load
+// and a store per tap. Border pixels, and the input gradient at strides above 1, take a per-pixel loop over the valid
+// taps. Every sum adds the same terms in the same order on either path (taps row-major; images, then pixels, in
+// order), so the bits do not depend on the path.
 
 #include <algorithm>
 #include <cstdint>
