@@ -231,8 +231,9 @@ CORE_SEEDS = (0, 1, 2, 3)       # MutualNet, US-Net and the independent FULL net
 GRID_SEEDS = (0, 1)             # the other independent networks
 
 # Training throughput per method (images/s, this project on a 2-core AMD EPYC AVX-512 under the runner's nice, the
-# small budgets' settings; python benchmarks/reproduce/run.py --list prints the plan from it). Sweeps: seconds.
-RATE = {'mutualnet': 250.0, 'usnet': 200.0, 'independent': 430.0}
+# small budgets' settings, the independent network at 1.0@28: round 3's uninterrupted runs, 300,000 images each,
+# timings.json; python benchmarks/reproduce/run.py --list prints the plan from it). Sweeps: seconds.
+RATE = {'mutualnet': 280.0, 'usnet': 380.0, 'independent': 550.0}
 SWEEP_SECONDS = {'mutualnet': 150.0, 'usnet': 150.0, 'independent': 30.0}
 PILOT_EVAL_SECONDS = 20.0       # one in-training evaluation (quick BN recalibration + 10k test images)
 
