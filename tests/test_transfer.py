@@ -1,6 +1,6 @@
 """The transfer experiment's machinery (benchmarks/transfer): the kernel-norm diagnostic (||W|| / ||W_init|| is 1 for
 a checkpoint of the initialisation itself and follows a known rescaling, whole tree and narrow slice), the report's
-sources section, and finished runs' records surviving a fresh machine."""
+sources section (flatness, held-out fit, norms), and finished runs' records surviving a fresh machine."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -96,12 +96,18 @@ def test_finished_runs_are_recorded_and_survive_a_fresh_machine(tmp_path, report
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(''.join(f'I1 logging_writer.py:48] [{s}] accuracy/max=0.9, grad_norm=1.0, loss/max={1 / s}\n'
                            for s in range(10, 101, 10)) + 'Trained to step 100 of 100\n')
+  def sweep(run, top1):
+    rows = [query.Row(w, r, int(1e6 * w * r), 100, top1(w), 0.9, 1.0) for w, r in run.sweep_configs()]
+    query.write_table(rows, str(out / run.name), {'eval_images': 5000, 'checkpoint_step': 100})
+
   assert not driver.record(source, out, timings)  # no kernel norms yet
   timings.run(source.name)['kernel_norms'] = {'step': 100, 'whole': 2.0, 'narrow': 4.0, 'narrow_width': 0.25}
+  assert not driver.record(source, out, timings)  # its held-out fit not swept yet
+  assert source.sweep_configs() == set(report.experiment.SOURCE_CONFIGS)
+  sweep(source, lambda w: 0.8 + w / 10)
   assert driver.record(source, out, timings) and not driver.record(source, out, timings)
   assert not driver.record(tuned[0], out, timings)  # not swept yet
-  rows = [query.Row(w, r, int(1e6 * w * r), 100, 0.5 + w / 10, 0.9, 1.0) for w, r in tuned[0].sweep_configs()]
-  query.write_table(rows, str(out / tuned[0].name), {'eval_images': 5000, 'checkpoint_step': 100})
+  sweep(tuned[0], lambda w: 0.5 + w / 10)
   assert driver.record(tuned[0], out, timings)
 
   assert driver.finished_elsewhere(tuned[0], fresh, runs) and not driver.finished_elsewhere(tuned[0], out, runs)
@@ -111,4 +117,5 @@ def test_finished_runs_are_recorded_and_survive_a_fresh_machine(tmp_path, report
   report.write_report(fresh, docs, {'runs': {}, 'invocations': []}, runs)
   text = (docs / 'TRANSFER.md').read_text()
   assert tuned[0].name not in text.split('**Missing**')[1].split('\n')[0]
-  assert next(line for line in text.splitlines() if line.startswith(f'| {source.name} |')).endswith('| 2.00 | 4.00 |')
+  row = next(line for line in text.splitlines() if line.startswith(f'| {source.name} |'))
+  assert row.endswith('| 90.00 / 82.50 | 2.00 | 4.00 |')  # held-out top-1 at 1.0@28 / 0.25@28, then the norms

@@ -10,7 +10,8 @@ per-attempt timings and the facts the report quotes are the reproduction's (benc
 run is skipped, an interrupted one resumes from its checkpoint, a sweep is skipped when its table belongs to the
 latest checkpoint. A fine-tuning run starts once its source is trained; its log must show that init_from loaded the
 source (otherwise it is not swept, so a run that silently trained from scratch never enters the report).
-Each trained source's kernel-norm growth (kernel_norms.py) is recorded for the report. Finished runs are recorded in
+Each trained source's kernel-norm growth (kernel_norms.py) and its held-out fit (a sweep at experiment.SOURCE_CONFIGS
+on the pre-training dataset's test split) are recorded for the report. Finished runs are recorded in
 small committed files (benchmarks/transfer/records/, archive.py): a run recorded but absent from OUT is not trained
 again (a source only once all its fine-tunings are recorded), and the report reads the records wherever OUT lacks a
 run. Logs: OUT/logs/<run>.{train,sweep}.log.
@@ -79,8 +80,8 @@ def finished_elsewhere(run: experiment.TransferRunSpec, out: Path, runs: list[ex
 
 
 def record(run: experiment.TransferRunSpec, out: Path, timings) -> bool:
-  """Commits what the report needs of a finished run (a source trained with its kernel norms, a fine-tuning swept)
-  to its record when it has none or an outdated one; whether it wrote."""
+  """Commits what the report needs of a finished run (a source trained with its kernel norms, each run swept: a
+  source at its held-out configurations) to its record when it has none or an outdated one; whether it wrote."""
   entry = timings.run(run.name)
   log = runner.log_path(out, run, 'train')
   if not runner.is_trained(run, out):
@@ -90,10 +91,9 @@ def record(run: experiment.TransferRunSpec, out: Path, timings) -> bool:
     if 'kernel_norms' not in entry:
       return False
     fields['losses'] = runner.training_log.losses(log)
-  else:
-    if not runner.table_is_current(out / run.name, out / run.name, run.sweep_configs()):
-      return False
-    fields['table'] = json.loads((out / run.name / 'query_table.json').read_text())
+  if not runner.table_is_current(out / run.name, out / run.name, run.sweep_configs()):
+    return False
+  fields['table'] = json.loads((out / run.name / 'query_table.json').read_text())
   old = experiment.RECORDS.load(run.name)
   if old and all(old.get(k) == v for k, v in fields.items()):
     return False
@@ -159,6 +159,7 @@ def main() -> int:
       trained = runner.train(run, out, timings, env, commit)
       if trained and run.phase == 'pretrain':
         record_kernel_norms(run, out, timings, env)
+        runner.sweep(run, out, timings, env, commit)  # its held-out fit (experiment.SOURCE_CONFIGS)
       if trained and run.phase == 'finetune':
         applied = run.source is None or init_from_applied(out, run)
         timings.run(run.name)['init_from_applied'] = applied if run.source is not None else None

@@ -103,16 +103,22 @@ def loss_flattening(losses: Sequence[float]) -> dict[str, Any] | None:
 
 
 def source_facts(out: Path, timings: dict, runs: Sequence[experiment.TransferRunSpec]) -> list[dict[str, Any]]:
-  """Per pre-training run: its loss flattening and its recorded kernel-norm growth (run.py, kernel_norms.py)."""
-  return [{'run': r.name, 'method': r.method, 'seed': r.seed,
-           'loss': loss_flattening(training_log.losses(training_log.path(out, r.name))
-                                   or (experiment.RECORDS.load(r.name) or {}).get('losses', [])),
-           'kernel_norms': timings.get('runs', {}).get(r.name, {}).get('kernel_norms')}
-          for r in runs if r.phase == 'pretrain']
+  """Per pre-training run: its loss flattening, its held-out top-1 at experiment.SOURCE_CONFIGS and its recorded
+  kernel-norm growth (run.py, kernel_norms.py)."""
+  facts = []
+  for r in (r for r in runs if r.phase == 'pretrain'):
+    found = table_of(out, r)
+    top1 = {(row.width, row.resolution): row.top1 for row in found[0]} if found else {}
+    facts.append({'run': r.name, 'method': r.method, 'seed': r.seed,
+                  'loss': loss_flattening(training_log.losses(training_log.path(out, r.name))
+                                          or (experiment.RECORDS.load(r.name) or {}).get('losses', [])),
+                  'held_out_top1': [top1.get((float(w), int(res))) for w, res in experiment.SOURCE_CONFIGS],
+                  'kernel_norms': timings.get('runs', {}).get(r.name, {}).get('kernel_norms')})
+  return facts
 
 
 def table_of(out: Path, run: experiment.TransferRunSpec) -> tuple[list[Row], dict[str, Any]] | None:
-  """A fine-tuning run's query table from its workdir, else from its record; None when it has neither."""
+  """A run's query table from its workdir, else from its record; None when it has neither."""
   try:
     return query.read_table(str(out / run.name))
   except UserError:
@@ -206,17 +212,23 @@ def labelled_images() -> int:
 def render_sources(sources: Sequence[dict[str, Any]]) -> list[str]:
   """The pre-trained sources beside the verdicts: has each one's training loss flattened, and how far its conv
   kernels grew (the effective learning rate of a kernel followed by BN is about lr / ‖w‖²)."""
-  lines = ['| source | training CE, last quarter (before) | flattened | ‖W‖ / ‖W_init‖, whole | '
-           'width-0.25 slice |', '|---|---|---|---:|---:|']
+  held_out = ' / '.join(f'{w:g}@{r}' for w, r in experiment.SOURCE_CONFIGS)
+  lines = ['| source | training CE, last quarter (before) | flattened | held-out top-1 % ' + held_out
+           + ' | ‖W‖ / ‖W_init‖, whole | width-0.25 slice |', '|---|---|---|---|---:|---:|']
   for src in sources:
     loss, norms = src['loss'], src['kernel_norms']
+    top1 = src.get('held_out_top1') or [None] * len(experiment.SOURCE_CONFIGS)
     lines.append(f'| {src["run"]} | ' + (f'{loss["last"]:.3f} ({loss["before"]:.3f}, {-100 * loss["drop"]:+.1f} %) | '
                                           f'{"yes" if loss["flattened"] else "no"}' if loss else '— | —') + ' | '
+                 + ' / '.join('—' if t is None else _pct(t) for t in top1) + ' | '
                  + (f'{norms["whole"]:.2f} | {norms["narrow"]:.2f}' if norms else '— | —') + ' |')
   return lines + ['', f'Flattened: the last quarter of the logged training cross-entropy is less than '
-                  f'{100 * FLAT:.0f} % below the quarter before. Kernel norms: every conv kernel of the tree (the '
-                  'classifier excluded), and the slice the width-0.25 sub-network reads, against the same seed\'s '
-                  'initialisation (`benchmarks/transfer/kernel_norms.py`).']
+                  f'{100 * FLAT:.0f} % below the quarter before (under a cosine schedule the loss keeps falling as the '
+                  'learning rate anneals, so "no" can also mean a model still improving at the end; the held-out '
+                  'top-1, on the test images of the pre-training classes, says how well trained the source is). '
+                  'Kernel norms: every conv kernel of the tree (the classifier excluded), and the slice the '
+                  'width-0.25 sub-network reads, against the same seed\'s initialisation '
+                  '(`benchmarks/transfer/kernel_norms.py`).']
 
 
 def _est(est: vd.Estimate | None) -> str:
