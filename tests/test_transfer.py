@@ -104,6 +104,8 @@ def test_finished_runs_are_recorded_and_survive_a_fresh_machine(tmp_path, report
   timings.run(source.name)['kernel_norms'] = {'step': 100, 'whole': 2.0, 'narrow': 4.0, 'narrow_width': 0.25}
   assert not driver.record(source, out, timings)  # its held-out fit not swept yet
   assert source.sweep_configs() == set(report.experiment.SOURCE_CONFIGS)
+  independent = next(r for r in runs if r.phase == 'pretrain' and r.method == 'independent')
+  assert independent.sweep_configs() == {report.experiment.INDEPENDENT}  # it runs at no other width
   sweep(source, lambda w: 0.8 + w / 10)
   assert driver.record(source, out, timings) and not driver.record(source, out, timings)
   assert not driver.record(tuned[0], out, timings)  # not swept yet

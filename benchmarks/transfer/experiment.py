@@ -81,9 +81,10 @@ class TransferRunSpec:
             f'--resolutions={",".join(str(r) for r in dict.fromkeys(resolutions))}']
 
   def sweep_configs(self) -> set[tuple[float, int]]:
-    """A fine-tuning's grid; a source's SOURCE_CONFIGS (its held-out fit)."""
+    """A fine-tuning's grid; a source's SOURCE_CONFIGS (its held-out fit), of them the independent network's own
+    configuration only (it runs at no other width)."""
     if self.phase == 'pretrain':
-      return {(float(w), int(r)) for w, r in SOURCE_CONFIGS}
+      return {(float(w), int(r)) for w, r in SOURCE_CONFIGS if self.method != 'independent' or (w, r) == INDEPENDENT}
     return {(float(w), int(r)) for w in SWEEP_WIDTHS for r in SWEEP_RESOLUTIONS}
 
   def estimated_seconds(self) -> float:
