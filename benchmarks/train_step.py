@@ -45,6 +45,7 @@ VARIANTS = {  # name: (MUTUALNET_MALLOC, extra environment)
     'thp': ('hugepages', {}),
     'pure_jax': ('tcmalloc', {'MUTUALNET_NATIVE': '0'}),
     'tcmalloc_default_release': ('tcmalloc', {'TCMALLOC_RELEASE_RATE': '1'}),  # gperftools' own release rate
+    'tcmalloc_no_release': ('tcmalloc', {'TCMALLOC_RELEASE_RATE': '0'}),  # pages once used stay mapped
     # YNNPACK also takes the elementwise ops around the matmuls (XLA's default gives it the matmuls alone).
     'ynn_eltwise': ('tcmalloc', {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise'}),
 }
@@ -101,7 +102,10 @@ def run_one(setting: str) -> dict:
     return holder['state'].params, metrics
 
   common.block(step())
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   timing = common.time_call(lambda: (step(), resident.append(_resident_gib()))[0], repeats=FLAGS.steps, warmup=1)
+  # Pages first touched while stepping (each a kernel trap, dearer in a VM): what the allocator's release costs.
+  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (FLAGS.steps + 1)
   macs = sum(profile.count(trainer.model, s.width, s.resolution, spec['channels'])[0] for s in subnets)
   img_s = spec['batch'] / timing['median']
   gflops = 6 * macs * img_s / 1e9
@@ -116,7 +120,7 @@ def run_one(setting: str) -> dict:
           'compile_per_bucket_cold_s': compile_s['cold']['per_bucket'],
           'compile_per_bucket_warm_s': compile_s['warm']['per_bucket'],
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-          'stepping_rss_gib': max(resident)}
+          'stepping_rss_gib': max(resident), 'page_faults_per_step': faults_per_step}
 
 
 def run_peer(setting: str) -> dict | None:
@@ -209,6 +213,7 @@ def main(argv):
       ('vs_peer_spread', 'x peer spread', 's'), ('ceiling_frac', 'of ceiling', '.0%'),
       ('compile_cold_s', 'compile cold s', '.1f'), ('compile_warm_s', 'compile warm s', '.1f'),
       ('peak_rss_gib', 'peak RSS GiB', '.2f'), ('stepping_rss_gib', 'RSS stepping', '.2f'),
+      ('page_faults_per_step', 'faults/step', '.0f'),
       ('rss_vs_peer', 'peak x peer', '.2f')]))
   ceilings = ', '.join(f"{r['setting']}/{r['variant']}: {r['ceiling_gflops']:.0f}" for r in rows
                        if 'ceiling_gflops' in r)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -466,3 +467,12 @@ def test_calibration_only_split_is_judged_against_the_recipe_pairs_noise(tmp_pat
   within = report._calibration_only(path, {'0.25@16': 0.005, '1@28': 0.01})
   assert 'beyond the pair\'s noise at 0' in within and 'the training-time `align_corners` resize is' in within
   assert report._calibration_only(tmp_path / 'absent.csv', noise) is None
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--rounds=round2_long', '--rounds takes round numbers'), ('--budgets=lng', 'unknown --budgets lng'),
+    ('--only=nope', 'unknown --only run names nope')])
+def test_a_selection_that_names_nothing_is_a_one_line_error(flag, message):
+  out = subprocess.run([sys.executable, str(REPO / 'benchmarks/reproduce/run.py'), '--list', flag],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr

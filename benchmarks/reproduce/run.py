@@ -264,6 +264,28 @@ def refresh_facts(run: runs_lib.RunSpec, out: Path, timings: Timings, split_size
 
 # ----------------------------------------------------------------------------------------------------------------------
 
+def select(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[runs_lib.RunSpec]:
+  """The runs the flags choose; a round, budget or run name that does not exist is a one-line usage error (a typo
+  must not silently select nothing)."""
+  rounds = [r for r in args.rounds.split(',') if r]
+  known_rounds = {rnd.number for rnd in runs_lib.ROUNDS}
+  bad = [r for r in rounds if not r.isdigit() or int(r) not in known_rounds]
+  if bad:
+    parser.error(f'--rounds takes round numbers ({", ".join(map(str, sorted(known_rounds)))}), not {", ".join(bad)}; '
+                 '--list shows what each selects.')
+  budgets = [b for b in args.budgets.split(',') if b]
+  known_budgets = {run.budget.name for rnd in runs_lib.ROUNDS for run in rnd.runs}
+  if set(budgets) - known_budgets:
+    parser.error(f'unknown --budgets {", ".join(sorted(set(budgets) - known_budgets))}; '
+                 f'known: {", ".join(sorted(known_budgets))}.')
+  only = [n for n in args.only.split(',') if n]
+  if set(only) - set(runs_lib.by_name()):
+    parser.error(f'unknown --only run names {", ".join(sorted(set(only) - set(runs_lib.by_name())))}; '
+                 '--list --rounds=<n> prints the names.')
+  return runs_lib.select(rounds=[int(r) for r in rounds] or None, budgets=budgets or None,
+                         max_priority=args.max_priority, only=only)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', default='benchmarks/results/reproduce', help='Where the run workdirs go.')
@@ -281,9 +303,7 @@ def main() -> int:
                       help='HH:MM (UTC): start no new training or sweep after this time; the report is still written.')
   args = parser.parse_args()
 
-  selected = runs_lib.select(rounds=[int(r) for r in args.rounds.split(',')] if args.rounds else None,
-                             budgets=args.budgets.split(',') if args.budgets else None,
-                             max_priority=args.max_priority, only=[n for n in args.only.split(',') if n])
+  selected = select(parser, args)
   if args.list:
     total = 0.0
     for run in selected:
