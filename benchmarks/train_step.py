@@ -11,13 +11,15 @@ Settings (fixed buckets, so every run times the same work; presets of ../shared/
   small: the Fashion-MNIST quickstart model, batch 128, buckets (1.0,28) (0.25,16) (0.5,20) (0.75,24)
 Variants of this project: tcmalloc (what main.py runs under), glibc (the system allocator), thp (glibc on transparent
 huge pages), pure_jax (tcmalloc without the native depthwise kernels: MUTUALNET_NATIVE=0), tcmalloc_default_release
-(tcmalloc at gperftools' default TCMALLOC_RELEASE_RATE=1 instead of main.py's 10). Each (setting, variant)
-and the peer run in their own subprocess, one after the other, so peak memory is each one's own.
+(tcmalloc at gperftools' default TCMALLOC_RELEASE_RATE=1 instead of main.py's 10), tcmalloc_no_release (release
+rate 0). Each (setting, variant) and the peer run in their own subprocess, one after the other, so peak memory is each
+one's own.
 
-Reported per row: img/s (median step), the ratio to the peer's img/s measured in the same run, achieved GFLOP/s
-(training = 6 x MACs per image) as a fraction of a matmul ceiling measured in the same process, compile seconds of
-every bucket with a cold and a warm persistent cache, peak RSS over the process (compilation included) and the
-resident memory while stepping.
+Reported per row: img/s (the median step over at least --peer_min_time seconds, the peer's own window), the ratio
+to the peer's img/s measured in the same run, achieved GFLOP/s (training = 6 x MACs per image) as a fraction of a
+matmul ceiling measured in the same process, compile seconds of every bucket with a cold and a warm persistent cache,
+peak RSS over the process (compilation included), the resident memory while stepping and the pages faulted in per
+step.
 """
 from __future__ import annotations
 
@@ -52,11 +54,12 @@ VARIANTS = {  # name: (MUTUALNET_MALLOC, extra environment)
 
 flags.DEFINE_list('settings', ['paper', 'small'], f'Which of {sorted(SETTINGS)}.')
 flags.DEFINE_list('variants', ['tcmalloc'], f'Which of {sorted(VARIANTS)}.')
-flags.DEFINE_integer('steps', 8, 'Timed steps (median) after one warm-up step.')
+flags.DEFINE_integer('steps', 8, 'At least this many timed steps (median) after one warm-up step.')
 flags.DEFINE_string('peer', os.path.join(os.path.dirname(REPO), 'shared', 'peers', 'torch_mutualnet_step.py'),
                     'The PyTorch peer script; skipped with a message when it or torch is missing.')
 flags.DEFINE_string('peer_python', sys.executable, 'Python interpreter with torch for the peer.')
-flags.DEFINE_float('peer_min_time', 20.0, 'Seconds the peer times its step for.')
+flags.DEFINE_float('peer_min_time', 20.0, 'Seconds the peer times its step for, and this project too (the same window '
+                   'on both sides: a few seconds of a noisy machine cannot decide one side alone).')
 flags.DEFINE_integer('repeats', 1, 'Rounds, interleaved (peer, then each variant, per round): the table reports each '
                      "row's median over the rounds and its spread; one noisy run cannot decide a ratio.")
 flags.DEFINE_string('other', '', 'Another checkout of this project (a directory): its step is timed as variant '
@@ -103,9 +106,10 @@ def run_one(setting: str) -> dict:
 
   common.block(step())
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  timing = common.time_call(lambda: (step(), resident.append(_resident_gib()))[0], repeats=FLAGS.steps, warmup=1)
+  timing = common.time_call(lambda: (step(), resident.append(_resident_gib()))[0], repeats=FLAGS.steps, warmup=1,
+                            min_time=FLAGS.peer_min_time)
   # Pages first touched while stepping (each a kernel trap, dearer in a VM): what the allocator's release costs.
-  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (FLAGS.steps + 1)
+  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (timing['n'] + 1)
   macs = sum(profile.count(trainer.model, s.width, s.resolution, spec['channels'])[0] for s in subnets)
   img_s = spec['batch'] / timing['median']
   gflops = 6 * macs * img_s / 1e9
@@ -120,7 +124,8 @@ def run_one(setting: str) -> dict:
           'compile_per_bucket_cold_s': compile_s['cold']['per_bucket'],
           'compile_per_bucket_warm_s': compile_s['warm']['per_bucket'],
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-          'stepping_rss_gib': max(resident), 'page_faults_per_step': faults_per_step}
+          'stepping_rss_gib': max(resident), 'page_faults_per_step': faults_per_step,
+          'timed_steps': timing['n']}
 
 
 def run_peer(setting: str) -> dict | None:
@@ -144,7 +149,7 @@ def run_peer(setting: str) -> dict | None:
           'peak_rss_gib': peer['peak_rss_mib'] / 1024, 'step_s': peer['step_ms'] / 1e3}
 
 
-def run_variant(setting: str, variant: str, steps: int, lib: str | None) -> dict | None:
+def run_variant(setting: str, variant: str, steps: int, min_time: float, lib: str | None) -> dict | None:
   """One (setting, variant) in its own worker process (this checkout's, or --other's for variant 'other')."""
   choice, extra = VARIANTS.get(variant, VARIANTS['tcmalloc'])
   if choice == 'tcmalloc' and lib is None:
@@ -153,7 +158,7 @@ def run_variant(setting: str, variant: str, steps: int, lib: str | None) -> dict
   env = {**(malloc.environment(choice, os.environ, lib) or dict(os.environ)), **extra}
   root = os.path.abspath(FLAGS.other) if variant == 'other' else REPO
   cmd = [sys.executable, os.path.join(root, 'benchmarks', 'train_step.py'), f'--worker={setting}', f'--steps={steps}',
-         f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
+         f'--peer_min_time={min_time}', f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']
   out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
   lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
   if out.returncode or not lines:
@@ -188,16 +193,18 @@ def main(argv):
   if FLAGS.worker:
     print('RESULT ' + json.dumps(run_one(FLAGS.worker)))
     return
-  settings, variants, steps, with_peer = FLAGS.settings, FLAGS.variants, FLAGS.steps, True
+  settings, variants, with_peer = FLAGS.settings, FLAGS.variants, True
+  steps, min_time = FLAGS.steps, FLAGS.peer_min_time
   if FLAGS.quick:
-    settings, variants, steps, with_peer = ['small'], ['tcmalloc'], 2, False
+    settings, variants, with_peer = ['small'], ['tcmalloc'], False
+    steps, min_time = 2, 0.0
   lib = malloc.find_tcmalloc()
   rounds = [[] for _ in range(FLAGS.repeats)]
   for setting in settings:
     for rows in rounds:  # interleaved: each round times the peer and every variant once
       peer = run_peer(setting) if with_peer else None
       for variant in variants + (['other'] if FLAGS.other else []):
-        row = run_variant(setting, variant, steps, lib)
+        row = run_variant(setting, variant, steps, min_time, lib)
         if row is None:
           continue
         if peer:
