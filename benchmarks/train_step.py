@@ -63,7 +63,8 @@ flags.DEFINE_float('peer_min_time', 20.0, 'Seconds the peer times its step for, 
 flags.DEFINE_integer('repeats', 1, 'Rounds, interleaved (peer, then each variant, per round): the table reports each '
                      "row's median over the rounds and its spread; one noisy run cannot decide a ratio.")
 flags.DEFINE_string('other', '', 'Another checkout of this project (a directory): its step is timed as variant '
-                    "'other' in every round, under tcmalloc, beside this one's (before/after comparisons).")
+                    "'other' in every round, under tcmalloc, beside this one's (before/after comparisons; a checkout "
+                    'before 47d3590 times its step over --steps alone, not the peer\'s window).')
 flags.DEFINE_bool('quick', False, 'Small setting, tcmalloc, 2 timed steps, no peer: a smoke run.')
 flags.DEFINE_string('worker', '', 'Internal: run one setting in this process and print JSON.')
 common.define_common_flags()
@@ -155,7 +156,8 @@ def run_variant(setting: str, variant: str, steps: int, min_time: float, lib: st
   if choice == 'tcmalloc' and lib is None:
     print(f'skipping {variant}: tcmalloc is not installed (apt-get install libgoogle-perftools4)')
     return None
-  env = {**(malloc.environment(choice, os.environ, lib) or dict(os.environ)), **extra}
+  base = {**os.environ, **extra}  # the allocator's settings build on the variant's (GLIBC_TUNABLES, release rate)
+  env = malloc.environment(choice, base, lib) or base
   root = os.path.abspath(FLAGS.other) if variant == 'other' else REPO
   cmd = [sys.executable, os.path.join(root, 'benchmarks', 'train_step.py'), f'--worker={setting}', f'--steps={steps}',
          f'--peer_min_time={min_time}', f'--ceiling_sizes={",".join(FLAGS.ceiling_sizes)}']

@@ -275,13 +275,13 @@ def select(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[ru
                  '--list shows what each selects.')
   budgets = [b for b in args.budgets.split(',') if b]
   known_budgets = {run.budget.name for rnd in runs_lib.ROUNDS for run in rnd.runs}
-  if set(budgets) - known_budgets:
-    parser.error(f'unknown --budgets {", ".join(sorted(set(budgets) - known_budgets))}; '
-                 f'known: {", ".join(sorted(known_budgets))}.')
+  unknown = set(budgets) - known_budgets
+  if unknown:
+    parser.error(f'unknown --budgets {", ".join(sorted(unknown))}; known: {", ".join(sorted(known_budgets))}.')
   only = [n for n in args.only.split(',') if n]
-  if set(only) - set(runs_lib.by_name()):
-    parser.error(f'unknown --only run names {", ".join(sorted(set(only) - set(runs_lib.by_name())))}; '
-                 '--list --rounds=<n> prints the names.')
+  unknown = set(only) - set(runs_lib.by_name())
+  if unknown:
+    parser.error(f'unknown --only run names {", ".join(sorted(unknown))}; --list --rounds=<n> prints the names.')
   return runs_lib.select(rounds=[int(r) for r in rounds] or None, budgets=budgets or None,
                          max_priority=args.max_priority, only=only)
 
